@@ -1,0 +1,213 @@
+"""Datasets in a config -> canonical examples -> mixed and split -> encoded rows (cached by content hash)."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuneforge.config.schema import DataConfig
+from tuneforge.data.catalog import DatasetSpec, get_spec, load_catalog
+from tuneforge.data.encode import (
+    IGNORE_INDEX,
+    EncodeOptions,
+    encode_pairwise,
+    encode_supervised,
+    encode_text,
+    pack_blocks,
+)
+from tuneforge.data.formats import to_example
+from tuneforge.data.readers import RawRow, read_rows
+from tuneforge.data.types import Conversation, EncodeReport, Example, KTOExample, PreferencePair, RowProblem, Text
+from tuneforge.errors import DataError, TemplateError
+from tuneforge.templates.base import Template
+
+# What each stage trains on: plain text, supervised conversations, preference pairs or KTO examples.
+STAGE_KIND = {"pt": "text", "sft": "sft", "rm": "pairwise", "dpo": "pairwise", "kto": "kto",
+              "ppo": "sft", "grpo": "sft"}
+CHUNK = 512
+
+
+@dataclass
+class LoadedDataset:
+    """One dataset's canonical examples and the problems found while converting its rows."""
+
+    name: str
+    spec: DatasetSpec
+    examples: list[Example]
+    problems: list[RowProblem] = field(default_factory=list)
+    raw_count: int = 0
+
+
+def load_examples(data: DataConfig, name: str, stage: str, seed: int, strict: bool = True) -> LoadedDataset:
+    """Read and convert one dataset; strict mode raises on the first bad row, otherwise collects problems."""
+    spec = get_spec(load_catalog(data.dataset_dir, data.inline), name, data.dataset_dir)
+    rows = read_rows(spec)
+    raw_count = len(rows)
+    if spec.num_samples is not None:
+        rows = _sample(rows, spec.num_samples, seed)
+    if data.max_samples is not None:
+        rows = rows[: data.max_samples]
+    loaded = LoadedDataset(name, spec, [], raw_count=raw_count)
+    for row in rows:
+        if name == "identity":
+            row = RawRow(substitute_identity(row.data, data.identity.name, data.identity.author), row.file, row.row)
+        try:
+            example = to_example(row, spec, want_text=STAGE_KIND[stage] == "text")
+            _check_kind(example, stage, spec)
+        except DataError as err:
+            if strict:
+                raise DataError(f"{err} (run `tuneforge data check` to list every bad row)") from None
+            loaded.problems.append(RowProblem(row.origin, str(err)))
+            continue
+        loaded.examples.append(example)
+    return loaded
+
+
+def substitute_identity(value: Any, name: str, author: str) -> Any:
+    """Replace {{name}} and {{author}} in every text of a row."""
+    if isinstance(value, str):
+        return value.replace("{{name}}", name).replace("{{author}}", author)
+    if isinstance(value, list):
+        return [substitute_identity(v, name, author) for v in value]
+    if isinstance(value, dict):
+        return {k: substitute_identity(v, name, author) for k, v in value.items()}
+    return value
+
+
+def _check_kind(example: Example, stage: str, spec: DatasetSpec) -> None:
+    kind = STAGE_KIND[stage]
+    wanted = {"text": Text, "sft": Conversation, "pairwise": PreferencePair, "kto": KTOExample}[kind]
+    if not isinstance(example, wanted):
+        hint = {"pairwise": "set \"ranking\": true and chosen/rejected columns", "kto": "set columns.kto_tag",
+                "sft": "give it a response column", "text": ""}[kind]
+        raise DataError(f"{example.origin}: stage '{stage}' needs {wanted.__name__} rows but dataset "
+                        f"'{spec.name}' gives {type(example).__name__}; in dataset_info.json {hint}")
+
+
+def _sample(rows: list[RawRow], n: int, seed: int) -> list[RawRow]:
+    rng = random.Random(seed)
+    if n <= len(rows):
+        return rng.sample(rows, n)
+    return rows + rng.choices(rows, k=n - len(rows))
+
+
+def mix(groups: list[list[Example]], strategy: str, probs: list[float], seed: int) -> list[Example]:
+    """Concatenate, or interleave by probability until the first (under) or the last (over) runs out."""
+    if strategy == "concat" or len(groups) == 1:
+        return [e for group in groups for e in group]
+    probs = probs or [1 / len(groups)] * len(groups)
+    rng = random.Random(seed)
+    cursors = [0] * len(groups)
+    exhausted = [False] * len(groups)
+    out: list[Example] = []
+    while True:
+        i = rng.choices(range(len(groups)), weights=probs)[0]
+        if cursors[i] >= len(groups[i]):
+            exhausted[i] = True
+            if strategy == "interleave_under" or all(exhausted):
+                return out
+            cursors[i] = 0  # oversampling: start this dataset again
+        out.append(groups[i][cursors[i]])
+        cursors[i] += 1
+
+
+def split_validation(examples: list[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Seeded split into (train, validation); val_size is a fraction or a whole count."""
+    if val_size <= 0:
+        return examples, []
+    count = int(val_size) if val_size >= 1 else max(1, round(len(examples) * val_size))
+    if count >= len(examples):
+        raise DataError(f"data.val_size={val_size:g} leaves no training rows out of {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    val_ids = set(order[:count])
+    return ([e for i, e in enumerate(examples) if i not in val_ids],
+            [examples[i] for i in sorted(val_ids)])
+
+
+def encode_examples(examples: list[Example], template: Template, opts: EncodeOptions, stage: str,
+                    num_proc: int | None = None, packing: bool = False) -> tuple[list[dict[str, Any]], EncodeReport]:
+    """Encode in chunks of rows, each tokenized in one batched call, optionally across processes."""
+    chunks = [examples[i:i + CHUNK] for i in range(0, len(examples), CHUNK)]
+    jobs = [(chunk, template, opts, stage, packing) for chunk in chunks]
+    if num_proc and num_proc > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(max_workers=num_proc) as pool:
+            results = list(pool.map(_encode_chunk, jobs))
+    else:
+        results = [_encode_chunk(job) for job in jobs]
+    rows = [row for part in results for row in part]
+    if STAGE_KIND[stage] == "text" and packing:
+        rows = [{"input_ids": b, "labels": list(b), "status": "ok", "origin": f"packed block {i + 1}"}
+                for i, b in enumerate(pack_blocks([r["input_ids"] for r in rows], opts.cutoff_len))]
+    return _keep_trainable(rows)
+
+
+def _encode_chunk(job: tuple[list[Example], Template, EncodeOptions, str, bool]) -> list[dict[str, Any]]:
+    examples, template, opts, stage, packing = job
+    kind = STAGE_KIND[stage]
+    if kind == "text":
+        texts = [e.text for e in examples]  # type: ignore[union-attr]
+        ids = _batch_tokenize(template, texts)
+        eos = template.tokenizer.eos_token_id
+        limit = 2**62 if packing else opts.cutoff_len  # packed rows are cut into blocks later, not one by one
+        return [dict(encode_text(i, eos, limit), origin=e.origin) for i, e in zip(ids, examples)]
+    rendered = [_render(e, template, kind) for e in examples]
+    flat = [text for pieces in rendered for text in pieces]
+    ids = iter(_batch_tokenize(template, flat))
+    out = []
+    for example, pieces in zip(examples, rendered):
+        piece_ids = [next(ids) for _ in pieces]
+        out.append(dict(_encode_one(example, piece_ids, kind, opts), origin=example.origin))
+    return out
+
+
+def _render(example: Example, template: Template, kind: str) -> list[str]:
+    try:
+        if isinstance(example, PreferencePair):
+            chosen = template.render_pairs(example.prompt + [example.chosen], example.system, example.tools)
+            rejected = template.render_pairs(example.prompt + [example.rejected], example.system, example.tools)
+            return [t for p, r in chosen[:-1] for t in (p, r)] + [chosen[-1][0], chosen[-1][1], rejected[-1][1]]
+        pairs = template.render_pairs(example.messages, example.system, example.tools)  # type: ignore[union-attr]
+    except TemplateError as err:
+        raise TemplateError(f"{example.origin}: {err}") from None
+    return [t for pair in pairs for t in pair]
+
+
+def _encode_one(example: Example, ids: list[list[int]], kind: str, opts: EncodeOptions) -> dict[str, Any]:
+    if kind == "pairwise":
+        prompt = [t for piece in ids[:-2] for t in piece]
+        return encode_pairwise(prompt, ids[-2], ids[-1], opts)
+    pairs = [(ids[i], ids[i + 1]) for i in range(0, len(ids), 2)]
+    if kind == "kto":
+        row = encode_supervised(pairs, EncodeOptions(opts.cutoff_len, opts.train_on_prompt, True, opts.overlong))
+        return dict(row, kto_label=example.label)  # type: ignore[union-attr]
+    return encode_supervised(pairs, opts)
+
+
+def _batch_tokenize(template: Template, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    encoded = template.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [list(ids) if text else [] for ids, text in zip(encoded, texts)]
+
+
+def _keep_trainable(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], EncodeReport]:
+    report = EncodeReport(rows=len(rows))
+    kept = []
+    for row in rows:
+        if row["status"] == "dropped":
+            report.dropped.append(row["origin"])
+            continue
+        if row["status"] == "truncated":
+            report.truncated.append(row["origin"])
+        labels = row.get("labels", row.get("chosen_labels", []))
+        trained = sum(1 for t in labels if t != IGNORE_INDEX)
+        if trained == 0:
+            report.no_trained_tokens.append(row["origin"])
+            continue
+        report.trained_tokens += trained
+        report.total_tokens += len(row.get("input_ids", row.get("chosen_input_ids", [])))
+        kept.append(row)
+    return kept, report

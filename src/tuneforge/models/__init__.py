@@ -1,0 +1,1 @@
+"""Models: resolve paths (local, hubs, embedded), load tokenizers and weights."""
