@@ -63,7 +63,7 @@ def cmd_preview(args: argparse.Namespace, overrides: list[str], flags: dict[str,
         for row in chosen:
             print(json.dumps({k: row[k] for k in row if k != "status"}, ensure_ascii=False))
         return 0
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     report = encoded.report
     console.print(f"{len(rows)} {args.split} rows | template {template.name} | cutoff_len {cfg.data.cutoff_len} | "
                   f"truncated {len(report.truncated)} | dropped {len(report.dropped)} | "
@@ -81,7 +81,7 @@ def cmd_check(args: argparse.Namespace, overrides: list[str], flags: dict[str, A
     cfg, template = _setup(args, overrides, flags)
     if not cfg.data.dataset:
         raise DataError("no datasets to check: set data.dataset")
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     health = check_datasets(cfg, template)
     summary = Table("dataset", "rows", "usable", "trained tokens", "errors", "warnings")
     for h in health:

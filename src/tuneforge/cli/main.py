@@ -8,7 +8,6 @@ import os
 import sys
 from typing import Any
 
-from tuneforge import __version__
 from tuneforge.errors import TuneforgeError
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +71,10 @@ def build_datasets(data: DataConfig, stage: str, template: Template, seed: int) 
 
 
 def cache_folder(data: DataConfig) -> Path:
-    """Where tokenized datasets are cached."""
-    return Path(data.cache_dir) if data.cache_dir else tuneforge_home() / "cache" / "datasets"
+    """Where tokenized datasets are cached: data.cache_dir, TUNEFORGE_DATA_CACHE, or TUNEFORGE_HOME/cache/datasets."""
+    if data.cache_dir:
+        return Path(data.cache_dir)
+    return Path(os.environ.get("TUNEFORGE_DATA_CACHE") or tuneforge_home() / "cache" / "datasets")
 
 
 def cache_key(data: DataConfig, stage: str, template: Template, seed: int) -> str:

@@ -19,7 +19,15 @@ from tuneforge.data.encode import (
 )
 from tuneforge.data.formats import to_example
 from tuneforge.data.readers import RawRow, read_rows
-from tuneforge.data.types import Conversation, EncodeReport, Example, KTOExample, PreferencePair, RowProblem, Text
+from tuneforge.data.types import (
+    Conversation,
+    EncodeReport,
+    Example,
+    KTOExample,
+    PreferencePair,
+    RowProblem,
+    Text,
+)
 from tuneforge.errors import DataError, TemplateError
 from tuneforge.templates.base import Template
 

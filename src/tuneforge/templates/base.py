@@ -28,6 +28,10 @@ class Template(ABC):
     def render_prompt(self, messages: list[Message], system: str | None, tools: str | None) -> str:
         """Full text up to where the model starts answering; `messages` ends with a prompt turn."""
 
+    def render_history(self, messages: list[Message], system: str | None, tools: str | None) -> list[Pair]:
+        """Pairs of earlier turns as rendered before a new prompt; the same as render_pairs for most templates."""
+        return self.render_pairs(messages, system, tools)
+
     def encode_pairs(self, messages: list[Message], system: str | None, tools: str | None) -> list[tuple[list[int],
                                                                                                         list[int]]]:
         """Token ids of each (prompt, response) pair, tokenized piece by piece like generation does."""
@@ -37,12 +41,9 @@ class Template(ABC):
         """Token ids of a generation prompt, split the same way as in training so ids match exactly."""
         if len(messages) % 2 != 1:
             raise TemplateError("a generation prompt needs an odd number of turns ending with a user turn")
-        ids: list[int] = []
-        if len(messages) > 1:
-            for p, r in self.encode_pairs(messages[:-1], system, tools):
-                ids += p + r
-        history_text = "".join(p + r for p, r in self.render_pairs(messages[:-1], system, tools)) \
-            if len(messages) > 1 else ""
+        history = self.render_history(messages[:-1], system, tools) if len(messages) > 1 else []
+        ids = [t for p, r in history for t in self.tokenize(p) + self.tokenize(r)]
+        history_text = "".join(p + r for p, r in history)
         full = self.render_prompt(messages, system, tools)
         if not full.startswith(history_text):
             raise TemplateError(f"template '{self.name}' renders the history differently once a new turn is added")

@@ -14,6 +14,7 @@ from tuneforge.errors import TemplateError
 from tuneforge.templates.base import Pair, Template
 
 DATA_FILE = Path(__file__).with_name("named.yaml")
+EMPTY_THINK = "<think>\n\n</think>\n\n"
 DEFAULT_TOOLS = "\n\nYou have access to the following tools:\n{tools}"
 
 
@@ -77,16 +78,31 @@ class NamedTemplate(Template):
 
     def render_pairs(self, messages: list[Message], system: str | None, tools: str | None) -> list[Pair]:
         """(prompt, response) texts; system, tools and the prefix open the first prompt."""
+        return self._pairs(messages, system, tools, final=True)
+
+    def render_history(self, messages: list[Message], system: str | None, tools: str | None) -> list[Pair]:
+        """Pairs of earlier turns as they appear before a new prompt (no think block on the last answer)."""
+        return self._pairs(messages, system, tools, final=False)
+
+    def _pairs(self, messages: list[Message], system: str | None, tools: str | None, final: bool) -> list[Pair]:
         pairs = []
         for i in range(0, len(messages) - 1, 2):
             prompt = self._prompt_text(messages, i, system, tools)
             pairs.append((prompt, self._response_text(messages[i + 1])))
+        if self.formats.thinking and pairs and final:
+            # Like Qwen3's own template: only the final answer carries a (possibly empty) think block.
+            prompt, response = pairs[-1]
+            if not self.enable_thinking:
+                pairs[-1] = (prompt + EMPTY_THINK, response)
+            elif "<think>" not in response:
+                pairs[-1] = (prompt, EMPTY_THINK + response)
         return pairs
 
     def render_prompt(self, messages: list[Message], system: str | None, tools: str | None) -> str:
         """History plus the last prompt turn, ending where the answer starts."""
-        history = "".join(p + r for p, r in self.render_pairs(messages[:-1], system, tools))
-        return history + self._prompt_text(messages, len(messages) - 1, system, tools)
+        history = "".join(p + r for p, r in self.render_history(messages[:-1], system, tools))
+        prompt = history + self._prompt_text(messages, len(messages) - 1, system, tools)
+        return prompt + EMPTY_THINK if self.formats.thinking and not self.enable_thinking else prompt
 
     def _prompt_text(self, messages: list[Message], i: int, system: str | None, tools: str | None) -> str:
         f = self.formats
@@ -99,8 +115,6 @@ class NamedTemplate(Template):
             turn = self.fill(f.observation or f.user, content)
         else:
             turn = self.fill(f.user, content)
-        if f.thinking and not self.enable_thinking:
-            turn += "<think>\n\n</think>\n\n"
         lead = self.fill(f.prefix) if i == 0 else self.fill(f.separator)
         return lead + system_text + turn
 
