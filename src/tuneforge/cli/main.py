@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from tuneforge.logs import quiet_libraries
+
+    quiet_libraries(args.verbose)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0
@@ -95,7 +98,7 @@ def split_extra(rest: list[str]) -> tuple[list[str], dict[str, Any]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
-    from tuneforge.cli import data_cmds, info_cmds
+    from tuneforge.cli import data_cmds, info_cmds, train_cmd
 
     parser = argparse.ArgumentParser(
         prog="tuneforge", description="Fine-tune large language models end to end.",
@@ -105,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     info_cmds.register(sub)
     data_cmds.register(sub)
+    train_cmd.register(sub)
     return parser
 
 

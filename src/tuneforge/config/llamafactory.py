@@ -141,6 +141,7 @@ MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "resume_from_checkpoint": _to("train.resume_from_checkpoint"),
     "report_to": _report_to,
     "dataloader_num_workers": _to("train.dataloader_workers"),
+    "group_by_length": _to("train.group_by_length"),
     "ddp_timeout": _to("train.ddp_timeout"),
     "output_dir": _to("output.dir"),
     "overwrite_output_dir": _to("output.overwrite"),

@@ -175,6 +175,8 @@ class TrainConfig:
     """Checkpoint folder to resume from, or 'auto' for the newest valid one in the output folder."""
     report_to: list[str] = field(default_factory=list)
     """Extra loggers: tensorboard, wandb, swanlab, mlflow."""
+    group_by_length: bool = True
+    """Batch rows of similar length together (less padding); the order stays seeded and resumable."""
     dataloader_workers: int = 0
     """Background processes loading batches."""
     ddp_timeout: int = 1800

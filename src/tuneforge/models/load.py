@@ -45,15 +45,32 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     return torch.float32
 
 
-def load_model(cfg: ModelConfig, device: str = "cpu") -> Any:
+def load_model(cfg: ModelConfig, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
     """The causal LM in the configured dtype and attention implementation (adapters come later, in finetune)."""
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model_dir(cfg)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(cfg.dtype, device), "trust_remote_code": cfg.trust_remote_code}
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantization_bit:
+        kwargs["quantization_config"] = quantization_config(cfg, dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load a model from {folder}: {err}") from None
+
+
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> Any:
+    """bitsandbytes settings for QLoRA (4-bit nf4/fp4 with optional double quantization, or 8-bit)."""
+    from transformers import BitsAndBytesConfig
+
+    from tuneforge.deps import require
+
+    require("bitsandbytes", "qlora")
+    if cfg.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization_type,
+                              bnb_4bit_use_double_quant=cfg.double_quantization,
+                              bnb_4bit_compute_dtype=compute_dtype)

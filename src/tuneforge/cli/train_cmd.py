@@ -1,0 +1,31 @@
+"""`tuneforge train CONFIG [key=value ...] [--lf_key value ...] [--plan]`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    """Add the train command."""
+    from tuneforge.cli.main import add_config_argument
+
+    p = sub.add_parser("train", help="train a model (stages pt, sft; methods full, freeze, lora, qlora)")
+    add_config_argument(p)
+    p.add_argument("--plan", action="store_true", help="print the plan (steps, memory, time) without training")
+    p.set_defaults(handler=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any]) -> int:
+    """Load the config and run training; Ctrl-C saves a checkpoint and exits with 130."""
+    from tuneforge.config import load
+    from tuneforge.run import train
+
+    cfg = load(args.config, overrides, flags)
+    try:
+        run_dir = train(cfg, plan_only=args.plan)
+    except KeyboardInterrupt:
+        return 130
+    if not args.plan:
+        print(f"run folder: {run_dir}")
+    return 0

@@ -1,0 +1,190 @@
+"""The map: train(cfg) reads like a table of contents; the work is in the callees."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneforge.config import RunConfig, dump
+from tuneforge.config.schema import OutputConfig, TrainConfig
+from tuneforge.config.typed import to_dict
+from tuneforge.data.build import EncodedData, build_datasets, packing_enabled
+from tuneforge.errors import ConfigError
+from tuneforge.finetune import apply_method
+from tuneforge.io import write_text_atomic
+from tuneforge.models.load import load_model, load_tokenizer
+from tuneforge.stages import STAGES
+from tuneforge.templates import get_template
+from tuneforge.templates.base import Template
+from tuneforge.train.batches import BatchPlan, pack_rows
+from tuneforge.train.checkpoint import list_checkpoints
+from tuneforge.train.loop import FitResult, RunContext, fit
+from tuneforge.train.manifest import write_manifest
+from tuneforge.train.plan import Plan, make_plan, plan_dict, print_plan
+from tuneforge.train.plot import plot_loss
+from tuneforge.train.tracking import read_metrics
+
+RUN_INFO = "tuneforge_run.json"  # beside final weights: base model, template, method (chat and export read it)
+
+
+def train(cfg: RunConfig, plan_only: bool = False) -> Path:
+    """Train a model as configured; returns the run folder (or prints the plan and returns it)."""
+    acc, precision = make_accelerator(cfg.train)
+    run_dir = prepare_run_dir(cfg.output, cfg.train, plan_only, acc.is_main_process)
+    tokenizer = load_tokenizer(cfg.model)
+    template = get_template(cfg.data.template, tokenizer, cfg.data.default_system, cfg.data.enable_thinking)
+    stage = stage_for(cfg.stage, tokenizer.pad_token_id)
+    with acc.main_process_first():
+        data = build_datasets(cfg.data, cfg.stage, template, cfg.train.seed)
+    train_rows, val_rows = training_rows(data, cfg)
+    model = load_for_training(cfg, precision)
+    batches = BatchPlan(len(train_rows), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
+                        acc.num_processes, cfg.train.epochs, cfg.train.max_steps)
+    plan = make_plan(train_rows, data.report, batches, model, precision)
+    context = RunContext(run_dir, acc, batches, save_weights_fn(model, tokenizer, template, cfg),
+                         group_by_length=cfg.train.group_by_length, tracker_config=to_dict(cfg),
+                         logging_dir=Path(cfg.output.logging_dir) if cfg.output.logging_dir else None)
+    if plan_only:
+        plan.estimated_seconds = measure_time(model, stage, train_rows, cfg.train, context)
+        print_plan(plan) if acc.is_main_process else None
+        return run_dir
+    if acc.is_main_process:
+        print_plan(plan)
+        write_run_files(run_dir, cfg, data, template, plan, acc.num_processes)
+    result = fit(model, stage, train_rows, val_rows, cfg.train, context)
+    if acc.is_main_process and not result.interrupted:
+        save_final(run_dir, model, tokenizer, template, cfg)
+    if acc.is_main_process and cfg.output.plot_loss:
+        plot_loss(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots" / "loss.png")
+    acc.wait_for_everyone()
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return run_dir
+
+
+def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
+    """An Accelerator with the resolved precision ('auto' -> bf16 where the device supports it)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+    from tuneforge.cli.info_cmds import cpu_bf16_supported
+
+    cuda = torch.cuda.is_available()
+    precision = train_cfg.precision
+    if precision == "auto":
+        supported = torch.cuda.is_bf16_supported() if cuda else cpu_bf16_supported()
+        precision = "bf16" if supported else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("train.precision=fp16 needs a GPU; on CPU use bf16 (or fp32)")
+    from datetime import timedelta
+
+    acc = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train_cfg.ddp_timeout))])
+    set_seed(train_cfg.seed)
+    return acc, precision
+
+
+def prepare_run_dir(output: OutputConfig, train_cfg: TrainConfig, plan_only: bool, main: bool) -> Path:
+    """The run folder; refuses to mix a new run into a finished or started one unless asked."""
+    run_dir = Path(output.dir)
+    if plan_only or not main:
+        return run_dir
+    finished = (run_dir / "adapter").exists() or (run_dir / "model").exists()
+    started = bool(list_checkpoints(run_dir))
+    resuming = train_cfg.resume_from_checkpoint is not None
+    if output.overwrite and not resuming:
+        for name in ("adapter", "model", "checkpoints", "plots", "tensorboard", "metrics.jsonl", "manifest.json"):
+            target = run_dir / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    elif (finished or started) and not resuming:
+        raise ConfigError(f"output.dir {run_dir} already holds a {'finished' if finished else 'started'} run; "
+                          "set train.resume_from_checkpoint=auto to continue it, output.overwrite=true to replace "
+                          "it, or choose another output.dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def stage_for(name: str, pad_id: int) -> Any:
+    """The stage object, or a clear message for stages that are planned but not built yet."""
+    if name not in STAGES:
+        raise ConfigError(f"stage '{name}' is not available yet; available stages: {', '.join(STAGES.names())}")
+    return STAGES.get(name)(pad_id)
+
+
+def training_rows(data: EncodedData, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
+    """Plain row dicts for the loop; SFT rows are packed here when asked (pt rows are packed when encoded)."""
+    columns = ["input_ids", "labels"]
+    train = [dict(zip(columns, values)) for values in zip(*(data.train[c] for c in columns))]
+    val = [dict(zip(columns, values)) for values in zip(*(data.val[c] for c in columns))] if data.val else []
+    if cfg.stage != "pt" and packing_enabled(cfg.data, cfg.stage):
+        train = pack_rows(train, cfg.data.cutoff_len, cfg.train.seed)
+    return train, val
+
+
+def load_for_training(cfg: RunConfig, precision: str) -> Any:
+    """Base model plus method; under bf16 LoRA the frozen base is stored in bf16 (adapters stay fp32)."""
+    dtype = torch.bfloat16 if precision == "bf16" and cfg.finetune.method == "lora" and cfg.model.dtype == "auto" \
+        else None
+    model = load_model(cfg.model, dtype=dtype)
+    model.config.use_cache = False
+    return apply_method(model, cfg.finetune, cfg.model.adapter_path, quantized=bool(cfg.model.quantization_bit),
+                        gradient_checkpointing=cfg.train.gradient_checkpointing)
+
+
+def save_weights_fn(model: Any, tokenizer: Any, template: Template, cfg: RunConfig) -> Any:
+    """Writes a checkpoint's user-facing weights (LoRA adapters only; full weights live in trainable.safetensors)."""
+    if cfg.finetune.method != "lora":
+        return None
+    return lambda folder: _save_weights(folder, model, tokenizer, template, cfg)
+
+
+def save_final(run_dir: Path, model: Any, tokenizer: Any, template: Template, cfg: RunConfig) -> Path:
+    """adapter/ (LoRA) or model/ (full, freeze) with tokenizer, chat template and run info; atomic."""
+    target = run_dir / ("adapter" if cfg.finetune.method == "lora" else "model")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save_weights(tmp, model, tokenizer, template, cfg)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def _save_weights(folder: Path, model: Any, tokenizer: Any, template: Template, cfg: RunConfig) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    info = {"base_model": cfg.model.path, "method": cfg.finetune.method, "stage": cfg.stage,
+            "template": template.name, "default_system": cfg.data.default_system,
+            "enable_thinking": cfg.data.enable_thinking, "stop_words": template.stop_words}
+    write_text_atomic(folder / RUN_INFO, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_run_files(run_dir: Path, cfg: RunConfig, data: EncodedData, template: Template, plan: Plan,
+                    world_size: int) -> None:
+    """config.yaml (reproduces the run) and manifest.json."""
+    from tuneforge.data.build import template_digest
+
+    write_text_atomic(run_dir / "config.yaml", dump(cfg))
+    data_info = {"cache_key": data.key, "datasets": cfg.data.dataset, "plan": plan_dict(plan),
+                 "truncated": data.report.truncated[:100], "dropped": data.report.dropped[:100]}
+    write_manifest(run_dir / "manifest.json", to_dict(cfg), data_info,
+                   {"name": template.name, "hash": template_digest(template)}, cfg.train.seed, world_size)
+
+
+def measure_time(model: Any, stage: Any, rows: list[dict], train_cfg: TrainConfig, context: RunContext) -> float:
+    """Run two real optimizer steps in a scratch folder and extrapolate to the whole plan."""
+    probe = dataclasses.replace(train_cfg, max_steps=2, save_steps=0, logging_steps=1, report_to=[],
+                                resume_from_checkpoint=None, eval_steps=None)
+    with tempfile.TemporaryDirectory() as scratch:
+        probe_context = dataclasses.replace(context, run_dir=Path(scratch),
+                                            plan=dataclasses.replace(context.plan, max_steps=2))
+        result: FitResult = fit(model, stage, rows, [], probe, probe_context)
+        times = [r["elapsed"] for r in read_metrics(Path(scratch) / "metrics.jsonl")]
+    del result
+    first, second = times[0], times[1] - times[0]
+    return first + second * (context.plan.total_steps - 1)

@@ -1,0 +1,115 @@
+"""Checkpoints: trainable weights, optimizer, schedule, RNG and position; written atomically."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tuneforge.errors import ConfigError
+
+STATE_FILE = "trainer_state.json"  # written last: a folder without it is incomplete and never resumed from
+
+
+@dataclass
+class TrainState:
+    """Where a run is: optimizer steps done, tokens trained, seconds spent."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+
+
+def checkpoint_dir(output: Path, step: int) -> Path:
+    """checkpoints/step-N under the run folder."""
+    return output / "checkpoints" / f"step-{step}"
+
+
+def save_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState,
+                    save_adapter: Any = None) -> None:
+    """Write everything needed to continue exactly; rename into place only when complete."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    if save_adapter is not None:
+        save_adapter(tmp / "adapter")
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> TrainState:
+    """Restore weights, optimizer, schedule and RNG; return the saved position."""
+    weights = load_file(str(folder / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise ConfigError(f"{folder}: checkpoint does not match this model/method (e.g. '{missing[0]}'); "
+                          "resume with the config the checkpoint was made with")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
+    return TrainState(**json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
+
+
+def rng_state() -> dict[str, Any]:
+    """Python and torch RNG states (dropout and any sampling continue identically)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state saved."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(output: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = output / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(value: str | None, output: Path) -> Path | None:
+    """'auto' -> newest complete checkpoint in the run folder (or none); a path must be a complete checkpoint."""
+    if value is None:
+        return None
+    if value == "auto":
+        found = list_checkpoints(output)
+        return found[-1] if found else None
+    folder = Path(value)
+    if not (folder / STATE_FILE).is_file():
+        raise ConfigError(f"train.resume_from_checkpoint: {folder} is not a complete checkpoint "
+                          f"(no {STATE_FILE}); use 'auto' to pick the newest valid one")
+    return folder
+
+
+def prune_checkpoints(output: Path, keep: int | None) -> None:
+    """Delete the oldest checkpoints beyond save_total_limit."""
+    if keep is None or keep < 1:
+        return
+    for old in list_checkpoints(output)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
