@@ -203,9 +203,6 @@ def test_tools_keep_non_ascii_text():
     assert example.tools == '[{"name": "天气"}]'
 
 
-@pytest.mark.xfail(strict=True, reason="formats._tools checks `value == []` before parsing a string, so tools "
-                                       "'[]' stays '[]' (truthy) while [] becomes None; templates then render an "
-                                       "empty tool list")
 def test_empty_tool_list_as_json_text_means_none():
     assert convert({"instruction": "Q", "output": "A", "tools": "[]"}, columns={"tools": "tools"}).tools is None
 
@@ -338,8 +335,6 @@ def test_csv_reader(dataset_dir):
     assert examples[1].messages == [user("Quote, with comma\nx"), bot('said "yes"')]
 
 
-@pytest.mark.xfail(strict=True, reason="readers.read_file feeds csv.DictReader with text.splitlines(), so a quoted "
-                                       "field spanning lines loses its line break ('line1line2')")
 def test_csv_quoted_field_keeps_its_line_breaks(dataset_dir):
     (dataset_dir / "a.csv").write_text('instruction,output\n"line1\nline2",ok\n', encoding="utf-8")
     assert next(read_file(dataset_dir / "a.csv")).data["instruction"] == "line1\nline2"
@@ -365,9 +360,6 @@ def test_utf8_bom_is_accepted(dataset_dir):
     assert next(read_file(dataset_dir / "a.json")).data == {"instruction": "q", "output": "a"}
 
 
-@pytest.mark.xfail(strict=True, reason="readers._read_jsonl splits with str.splitlines(), which also breaks at "
-                                       "U+2028/U+2029/U+0085 that json.dumps(ensure_ascii=False) leaves raw inside "
-                                       "strings, so a valid JSON-lines file is reported as invalid JSON")
 def test_jsonl_row_with_a_unicode_line_separator(dataset_dir):
     row = {"instruction": "first\u2028second", "output": "a\x85b"}
     (dataset_dir / "a.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -22,8 +22,8 @@ def load(path: str | Path | None, overrides: list[str] = (), lf_flags: dict[str,
     """Resolve a config file plus `key=value` overrides and `--lf_key value` flags into a validated RunConfig."""
     source = str(path) if path else "<overrides>"
     tree: dict[str, Any] = {}
+    raw = read_yaml(Path(path)) if path else {}  # its messages already name the file
     try:
-        raw = read_yaml(Path(path)) if path else {}
         _merge_top(tree, raw, source)
         for key, value in (lf_flags or {}).items():
             _assign_lf(tree, key, value)
@@ -74,6 +74,8 @@ def _merge_top(tree: dict[str, Any], raw: dict[str, Any], source: str) -> None:
 
 
 def _assign_lf(tree: dict[str, Any], key: str, value: Any) -> None:
+    if key in SECTIONS:
+        raise ConfigError(f"'{key}' is a section, not a value; set one of its keys, e.g. {key}.KEY=value")
     if not lf.is_lf_key(key):
         known = list(lf.MAPPING) + list(SECTIONS)
         raise ConfigError(f"unknown key '{key}'.{did_you_mean(key, known)}")

@@ -116,9 +116,12 @@ def parse_entry(name: str, entry: Any, base: Path, where: str) -> DatasetSpec:
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt", "openai"):
         raise DataError(f"{where}: dataset '{name}': formatting '{formatting}' is not one of alpaca, sharegpt, openai")
-    defaults = _default_columns(formatting)
+    ranking = entry.get("ranking", False)
+    if not isinstance(ranking, bool):
+        raise DataError(f"{where}: dataset '{name}': ranking must be true or false (JSON booleans), got {ranking!r}")
+    defaults = _default_columns(formatting, ranking)
     spec = DatasetSpec(
-        name=name, source=source, location=location, formatting=formatting, ranking=bool(entry.get("ranking", False)),
+        name=name, source=source, location=location, formatting=formatting, ranking=ranking,
         subset=entry.get("subset"), split=entry.get("split", "train"), folder=entry.get("folder"),
         num_samples=entry.get("num_samples"),
         columns=_fill(Columns, defaults, entry.get("columns", {}), f"{where}: dataset '{name}': columns"),
@@ -147,8 +150,11 @@ def _source(name: str, entry: dict[str, Any], base: Path, where: str) -> tuple[s
     return "file", str(path if path.is_absolute() else base / path)
 
 
-def _default_columns(formatting: str) -> Columns:
-    return Columns(messages="messages") if formatting == "openai" else Columns()
+def _default_columns(formatting: str, ranking: bool) -> Columns:
+    columns = Columns(messages="messages") if formatting == "openai" else Columns()
+    if ranking:  # preference data names its answers chosen/rejected unless columns say otherwise
+        columns.chosen, columns.rejected = "chosen", "rejected"
+    return columns
 
 
 def _fill(cls: type, defaults: Any, given: Any, where: str) -> Any:

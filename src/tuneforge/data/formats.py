@@ -96,6 +96,10 @@ def _tagged_messages(row: RawRow, raw: list, tags: Tags, field: str) -> tuple[li
             raise DataError(f"{row.origin}: field '{field}', turn {turn}: role '{tag}' (key '{tags.role_tag}') is "
                             f"unknown; expected one of {', '.join(repr(t) for t in roles)}. Set tags in "
                             "dataset_info.json if your file uses other role names")
+        if roles[tag] == "assistant" and item.get("tool_calls") and not content:
+            # OpenAI form: an assistant turn that only calls tools is a function-call turn
+            messages.append(Message("function", json.dumps(item["tool_calls"], ensure_ascii=False)))
+            continue
         if content is None and roles[tag] == "function" and "tool_calls" in item:
             content = json.dumps(item["tool_calls"], ensure_ascii=False)
         if isinstance(content, (dict, list)):
@@ -196,14 +200,14 @@ def _tools(row: RawRow, column: str | None) -> str | None:
     if not column:
         return None
     value = row.data.get(column)
-    if value is None or (isinstance(value, str) and not value.strip()) or value == []:
-        return None  # blank tools mean none (the LF tutorial's conversion script writes " ")
-    if isinstance(value, str):
+    if isinstance(value, str) and value.strip():
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
             raise DataError(f"{row.origin}: field '{column}' is not valid JSON ({err.msg} at character {err.pos}); "
                             "tools must be a JSON list of function schemas") from None
+    if value is None or (isinstance(value, str) and not value.strip()) or value in ([], {}):
+        return None  # blank tools mean none (the LF tutorial's conversion script writes " ")
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):

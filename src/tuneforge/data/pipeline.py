@@ -67,7 +67,8 @@ def load_examples(data: DataConfig, name: str, stage: str, seed: int, strict: bo
         except DataError as err:
             if strict:
                 raise DataError(f"{err} (run `tuneforge data check` to list every bad row)") from None
-            loaded.problems.append(RowProblem(row.origin, str(err)))
+            message = str(err).removeprefix(f"{row.origin}: ")
+            loaded.problems.append(RowProblem(row.origin, message))
             continue
         loaded.examples.append(example)
     return loaded

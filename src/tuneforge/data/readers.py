@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ def read_rows(spec: DatasetSpec) -> list[RawRow]:
 
 def _read_location(path: Path, name: str) -> Iterator[RawRow]:
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
         if not files:
             raise DataError(f"dataset '{name}': folder {path} holds no {'/'.join(SUFFIXES)} files")
         for file in files:
@@ -59,14 +60,13 @@ def read_file(path: Path) -> Iterator[RawRow]:
     elif suffix == ".jsonl":
         yield from _read_jsonl(path, _text(path))
     elif suffix == ".csv":
-        reader = csv.DictReader(_text(path).splitlines())
+        reader = csv.DictReader(io.StringIO(_text(path), newline=""))
         for i, row in enumerate(reader, start=1):
             yield RawRow(dict(row), str(path), i)
     elif suffix in (".parquet", ".arrow"):
         yield from _read_table(path)
     elif suffix == ".txt":
-        lines = (line for line in _text(path).splitlines())
-        for i, line in enumerate(lines, start=1):
+        for i, line in enumerate(_lines(_text(path)), start=1):
             if line.strip():
                 yield RawRow({"text": line}, str(path), i)
     else:
@@ -81,6 +81,11 @@ def _text(path: Path) -> str:
         line = raw[: err.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r}); "
                         "re-save the file as UTF-8") from None
+
+
+def _lines(text: str) -> list[str]:
+    """Split on newlines only (str.splitlines also splits on U+2028 etc., which may sit inside JSON strings)."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
 def _read_json(path: Path) -> Iterator[RawRow]:
@@ -103,7 +108,7 @@ def _read_json(path: Path) -> Iterator[RawRow]:
 
 
 def _read_jsonl(path: Path, text: str) -> Iterator[RawRow]:
-    for i, line in enumerate(text.splitlines(), start=1):
+    for i, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:

@@ -21,7 +21,6 @@ from tuneforge.train.checkpoint import (
     TrainState,
     checkpoint_dir,
     load_checkpoint,
-    prune_checkpoints,
     resolve_resume,
     save_checkpoint,
 )
