@@ -84,7 +84,7 @@ def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
         raise ConfigError("train.precision=fp16 needs a GPU; on CPU use bf16 (or fp32)")
     from datetime import timedelta
 
-    acc = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
+    acc = Accelerator(cpu=not cuda, mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train_cfg.ddp_timeout))])
     set_seed(train_cfg.seed)
     return acc, precision

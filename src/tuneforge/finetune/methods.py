@@ -96,6 +96,8 @@ def apply_lora(model: nn.Module, lora: LoraConfig, adapters: list[str], quantize
         r=lora.rank, lora_alpha=lora.alpha or 2 * lora.rank, lora_dropout=lora.dropout, target_modules=targets,
         use_rslora=lora.rslora, use_dora=lora.dora, init_lora_weights="pissa" if lora.pissa_init else True,
         modules_to_save=lora.modules_to_save or None, task_type="CAUSAL_LM",
+        # A trained copy of a tied head/embedding must stay tied to its twin, or merging breaks them apart.
+        ensure_weight_tying=bool(lora.modules_to_save) and bool(getattr(model.config, "tie_word_embeddings", False)),
     )
     try:
         return get_peft_model(model, config)

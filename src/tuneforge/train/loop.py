@@ -134,10 +134,10 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
                 progress.write(f"step {state.step}: eval_loss {metrics['eval_loss']:.4f} "
                                f"ppl {metrics['eval_perplexity']:.2f}")
             if train.save_steps and state.step % train.save_steps == 0 and state.step < plan.total_steps:
-                _save(run, model, optimizer, scheduler, state)
+                _save(run, model, optimizer, scheduler, state, train.save_total_limit)
         interrupted = state.step < plan.total_steps
         if interrupted:
-            _save(run, model, optimizer, scheduler, state)
+            _save(run, model, optimizer, scheduler, state, train.save_total_limit)
             progress.write(f"interrupted: checkpoint saved at step {state.step}; rerun with "
                            "train.resume_from_checkpoint=auto to continue")
     progress.close()
@@ -164,11 +164,13 @@ def evaluate(module: nn.Module, stage: Stage, rows: list[dict], batch_size: int,
     return {"eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(min(loss, 50)), 4)}
 
 
-def _save(run: RunContext, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState) -> None:
+def _save(run: RunContext, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState,
+          keep: int | None) -> None:
     acc = run.accelerator
     if acc.is_main_process:
         save_checkpoint(checkpoint_dir(run.run_dir, state.step), model, optimizer, scheduler, state,
                         run.save_weights)
+        prune_checkpoints(run.run_dir, keep)
     acc.wait_for_everyone()
 
 

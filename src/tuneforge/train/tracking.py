@@ -47,8 +47,13 @@ def truncate_after(path: Path, step: int) -> None:
     """Drop lines logged after `step` (a resumed run logs those steps again)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # blank, or the half line of a killed run
+            continue
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 

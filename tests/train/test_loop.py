@@ -1,0 +1,178 @@
+"""The loop: learning, accumulation equivalence, packing, resume after kill or Ctrl-C, DDP, plan formula."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tuneforge.train.batches import BatchPlan, pack_rows
+
+from .conftest import snapshot, train_in_process
+
+
+def test_steps_formula_matches_llamafactory():
+    assert BatchPlan(1000, 8, 8, 1, 30).total_steps == 450
+    assert BatchPlan(1000, 4, 8, 2, 30).total_steps == 450
+    assert BatchPlan(10, 4, 8, 1, 3).total_steps == 3  # fewer micro-batches than accumulation: one step/epoch
+    assert BatchPlan(1000, 8, 8, 1, 30, max_steps=7).total_steps == 7
+    assert BatchPlan(1000, 8, 8, 1, 2.5).total_steps == 38  # ceil(2.5 * 15)
+
+
+def test_model_learns_loss_falls_below_half(make_cfg):
+    _, _, result = train_in_process(make_cfg("finetune.method=full", "data.max_samples=4", "train.max_steps=40",
+                                             "train.learning_rate=3e-3", "train.scheduler=constant"))
+    records = [json.loads(line) for line in (Path(make_cfg().output.dir) / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < first / 2, (first, last)
+
+
+def test_grad_accumulation_equals_a_big_batch(make_cfg, tmp_path):
+    common = ["finetune.method=full", "train.group_by_length=false", "train.max_steps=2",
+              "train.scheduler=constant", "train.learning_rate=1e-1", "train.optimizer=sgd"]
+    small, _, _ = train_in_process(make_cfg(*common, "train.batch_size=1", "train.gradient_accumulation_steps=4",
+                                            f"output.dir={tmp_path / 'a'}"))
+    big, _, _ = train_in_process(make_cfg(*common, "train.batch_size=4", "train.gradient_accumulation_steps=1",
+                                          f"output.dir={tmp_path / 'b'}"))
+    a, b = snapshot(small), snapshot(big)
+    worst = max((a[n] - b[n]).abs().max().item() for n in a)
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_and_unpacked_losses_agree(make_cfg, attn):
+    from tuneforge.data.build import build_datasets
+    from tuneforge.models.load import load_model, load_tokenizer
+    from tuneforge.run import training_rows
+    from tuneforge.stages.causal_lm import SFTStage
+    from tuneforge.templates import get_template
+
+    cfg = make_cfg(f"model.attn_implementation={attn}", "data.max_samples=8")
+    tokenizer = load_tokenizer(cfg.model)
+    rows, _ = training_rows(build_datasets(cfg.data, "sft", get_template("chatml", tokenizer), 1), cfg)
+    model = load_model(cfg.model)
+    stage = SFTStage(tokenizer.pad_token_id)
+    with torch.no_grad():
+        plain = stage.loss(model, stage.collate(rows))
+        packed_rows = pack_rows(rows, 512, seed=0)
+        assert len(packed_rows) < len(rows)
+        packed = stage.loss(model, stage.collate(packed_rows))
+    assert int(plain.tokens) == int(packed.tokens)
+    assert torch.allclose(plain.loss_sum, packed.loss_sum, rtol=1e-5), (plain.loss_sum, packed.loss_sum)
+
+
+def test_fused_loss_equals_plain_cross_entropy(make_cfg):
+    from tuneforge.models.load import load_model
+    from tuneforge.stages.causal_lm import causal_lm_loss
+
+    model = load_model(make_cfg().model)
+    ids = torch.randint(0, 1000, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    ours = causal_lm_loss(model, batch)
+    logits = model(input_ids=ids).logits[:, :-1]
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                  reduction="sum")
+    assert torch.allclose(ours.loss_sum, reference, rtol=1e-5) and int(ours.tokens) == 2 * 7  # labels 5..11 of 12
+
+
+def write_config(tmp_path: Path, tiny_model_dir: Path, out: str, **train) -> Path:
+    cfg = {"model": {"path": str(tiny_model_dir)}, "finetune": {"method": "lora"},
+           "data": {"dataset": ["identity"], "template": "chatml", "cutoff_len": 128, "max_samples": 24,
+                    "cache_dir": str(tmp_path / "cache")},
+           "train": {"batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "precision": "fp32",
+                     "logging_steps": 1, **train},
+           "output": {"dir": str(tmp_path / out), "plot_loss": False}}
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tuneforge", *args]
+
+
+def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= tol, worst
+
+
+def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_model_dir):
+    steps = dict(max_steps=60, save_steps=5)
+    reference = write_config(tmp_path, tiny_model_dir, "reference", **steps)
+    subprocess.run(cli("train", str(reference)), check=True, capture_output=True)
+    killed = write_config(tmp_path, tiny_model_dir, "killed", **steps)
+    proc = subprocess.Popen(cli("train", str(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "checkpoints" / "step-5" / "trainer_state.json"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (tmp_path / "killed" / "adapter").exists(), "run was not interrupted mid-way"
+    subprocess.run(cli("train", str(killed), "train.resume_from_checkpoint=auto"), check=True, capture_output=True)
+    assert_same(adapter_weights(tmp_path / "killed"), adapter_weights(tmp_path / "reference"), 1e-6)
+    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 60
+
+
+def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir, "run", max_steps=400, save_steps=0)
+    proc = subprocess.Popen(cli("train", str(config)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or not metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved at step" in err and "Traceback" not in err
+    saved = list((tmp_path / "run" / "checkpoints").iterdir())
+    assert len(saved) == 1
+    subprocess.run(cli("train", str(config), "train.resume_from_checkpoint=auto", "train.max_steps=400"),
+                   check=True, capture_output=True)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, tiny_model_dir):
+    common = dict(max_steps=3, save_steps=0, gradient_accumulation_steps=1, group_by_length=False)
+    single = write_config(tmp_path, tiny_model_dir, "single", batch_size=4, **common)
+    double = write_config(tmp_path, tiny_model_dir, "ddp", batch_size=2, **common)
+    subprocess.run(cli("train", str(single)), check=True, capture_output=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), "-m", "tuneforge", "train", str(double)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "x 2 process(es)" in done.stderr
+    assert_same(adapter_weights(tmp_path / "ddp"), adapter_weights(tmp_path / "single"), 1e-5)
+
+
+def test_save_total_limit_keeps_the_newest(make_cfg):
+    from tuneforge.run import train
+    from tuneforge.train.checkpoint import list_checkpoints
+
+    run = train(make_cfg("train.max_steps=6", "train.save_steps=1", "train.save_total_limit=2"))
+    assert [p.name for p in list_checkpoints(run)] == ["step-4", "step-5"]
