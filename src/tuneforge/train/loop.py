@@ -21,6 +21,7 @@ from tuneforge.train.checkpoint import (
     TrainState,
     checkpoint_dir,
     load_checkpoint,
+    prune_checkpoints,
     resolve_resume,
     save_checkpoint,
 )
