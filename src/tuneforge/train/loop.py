@@ -86,6 +86,7 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
         progress.write(f"resumed from {resume} at step {state.step}")
     eval_every = train.eval_steps or train.save_steps
     session_start, session_step, session_tokens, elapsed_before = time.time(), state.step, 0, state.elapsed
+    padded_tokens = 0  # input tokens including padding, for the benchmark's padding overhead
     window_loss, window_tokens, last_loss = 0.0, 0, None
     module.train()
     with stop_on_signals() as stopped:
@@ -104,6 +105,7 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
                     acc.backward(loss_sum * acc.num_processes / max(global_tokens, 1))
                 step_loss += loss_sum.detach().float().cpu()
                 session_tokens += sum(len(r["input_ids"]) for r in rows) * acc.num_processes
+                padded_tokens += batch["input_ids"].numel() * acc.num_processes
             grad_norm = _clip(acc, params, train.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -122,7 +124,8 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
                 record = {"step": state.step, "epoch": round(epoch_of(state.step, plan), 4),
                           "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
                           "tokens_per_s": round(speed, 2), "elapsed": round(elapsed, 2), "eta": round(eta, 1),
-                          "trained_tokens": state.tokens}
+                          "trained_tokens": state.tokens, "input_tokens": session_tokens,
+                          "padded_tokens": padded_tokens, "time": round(time.time(), 3)}
                 window_loss, window_tokens = 0.0, 0
                 if tracker:
                     tracker.log(record)

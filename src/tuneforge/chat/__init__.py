@@ -1,0 +1,1 @@
+"""Using trained models: loading base + adapters with their template, and generating answers."""
