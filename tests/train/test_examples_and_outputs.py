@@ -28,6 +28,8 @@ def test_example_starts_with_its_command_and_runs_two_steps(path, tmp_path, tiny
                  f"output.dir={tmp_path / 'run'}", "output.overwrite=true", f"data.cache_dir={tmp_path / 'c'}"]
     if load(path).data.template == "auto":
         overrides.append("data.template=chatml")
+    if load(path).finetune.method == "freeze":
+        overrides.append("finetune.freeze.trainable_layers=1")  # the tiny model has 2 layers
     assert main(["train", str(path), *overrides]) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2
