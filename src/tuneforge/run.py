@@ -48,7 +48,8 @@ def train(cfg: RunConfig, plan_only: bool = False) -> Path:
                         acc.num_processes, cfg.train.epochs, cfg.train.max_steps)
     plan = make_plan(train_rows, data.report, batches, model, precision)
     context = RunContext(run_dir, acc, batches, save_weights_fn(model, tokenizer, template, cfg),
-                         group_by_length=cfg.train.group_by_length, tracker_config=to_dict(cfg),
+                         group_by_length=cfg.train.group_by_length, forward_tokens=forward_tokens(cfg.train),
+                         tracker_config=to_dict(cfg),
                          logging_dir=Path(cfg.output.logging_dir) if cfg.output.logging_dir else None)
     if plan_only:
         plan.estimated_seconds = measure_time(model, stage, train_rows, cfg.train, context)
@@ -88,6 +89,13 @@ def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train_cfg.ddp_timeout))])
     set_seed(train_cfg.seed)
     return acc, precision
+
+
+def forward_tokens(train_cfg: TrainConfig) -> int:
+    """Forward-pass token budget: 512 on CPU (fastest per token and light on memory there), none on GPU."""
+    if train_cfg.forward_tokens is not None:
+        return train_cfg.forward_tokens
+    return 0 if torch.cuda.is_available() else 512
 
 
 def prepare_run_dir(output: OutputConfig, train_cfg: TrainConfig, plan_only: bool, main: bool) -> Path:

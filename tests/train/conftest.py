@@ -43,7 +43,14 @@ def train_in_process(cfg):
     """Run the same steps as run.train but hand back the model and result for inspection."""
     from tuneforge.data.build import build_datasets
     from tuneforge.models.load import load_tokenizer
-    from tuneforge.run import load_for_training, make_accelerator, prepare_run_dir, stage_for, training_rows
+    from tuneforge.run import (
+        forward_tokens,
+        load_for_training,
+        make_accelerator,
+        prepare_run_dir,
+        stage_for,
+        training_rows,
+    )
     from tuneforge.templates import get_template
     from tuneforge.train.batches import BatchPlan
     from tuneforge.train.loop import RunContext, fit
@@ -59,5 +66,6 @@ def train_in_process(cfg):
     plan = BatchPlan(len(train_rows), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
                      acc.num_processes, cfg.train.epochs, cfg.train.max_steps)
     result = fit(model, stage_for(cfg.stage, tokenizer.pad_token_id), train_rows, val_rows, cfg.train,
-                 RunContext(run_dir, acc, plan, group_by_length=cfg.train.group_by_length))
+                 RunContext(run_dir, acc, plan, group_by_length=cfg.train.group_by_length,
+                            forward_tokens=forward_tokens(cfg.train)))
     return model, before, result

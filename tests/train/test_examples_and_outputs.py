@@ -11,7 +11,8 @@ import yaml
 from tuneforge.cli.main import main
 from tuneforge.config import load
 
-EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+EXAMPLES = sorted(p for p in (Path(__file__).parents[2] / "examples").glob("*.yaml")
+                  if p.read_text(encoding="utf-8").startswith("# tuneforge train "))
 
 
 def test_examples_exist_for_each_stage_and_method():

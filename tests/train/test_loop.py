@@ -176,3 +176,21 @@ def test_save_total_limit_keeps_the_newest(make_cfg):
 
     run = train(make_cfg("train.max_steps=6", "train.save_steps=1", "train.save_total_limit=2"))
     assert [p.name for p in list_checkpoints(run)] == ["step-4", "step-5"]
+
+
+def test_split_by_tokens_respects_the_budget():
+    from tuneforge.train.batches import split_by_tokens
+
+    rows = [{"input_ids": [0] * n} for n in (100, 120, 90, 600, 10)]
+    parts = split_by_tokens(rows, 256)
+    assert [[len(r["input_ids"]) for r in p] for p in parts] == [[100, 120], [90], [600], [10]]
+    assert split_by_tokens(rows, 0) == [rows]
+
+
+def test_forward_token_budget_does_not_change_the_result(make_cfg, tmp_path):
+    common = ["finetune.method=full", "train.max_steps=2", "train.optimizer=sgd", "train.learning_rate=1e-1",
+              "train.scheduler=constant"]
+    whole, _, _ = train_in_process(make_cfg(*common, "train.forward_tokens=0", f"output.dir={tmp_path / 'a'}"))
+    split, _, _ = train_in_process(make_cfg(*common, "train.forward_tokens=64", f"output.dir={tmp_path / 'b'}"))
+    a, b = snapshot(whole), snapshot(split)
+    assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5

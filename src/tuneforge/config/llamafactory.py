@@ -69,6 +69,12 @@ def _not_gc(value: Any) -> Assignments:
     return [("train.gradient_checkpointing", not _truthy(value))]
 
 
+def _infer_backend(value: Any) -> Assignments:
+    if value not in ("huggingface", "hf"):
+        raise ConfigError(f"infer_backend: {value!r} is not available; tuneforge serves with huggingface (transformers)")
+    return []
+
+
 # LLaMA-Factory key -> converter returning (our dotted path, value) assignments.
 MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "stage": _to("stage"),
@@ -144,6 +150,13 @@ MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "group_by_length": _to("train.group_by_length"),
     "ddp_timeout": _to("train.ddp_timeout"),
     "output_dir": _to("output.dir"),
+    "max_new_tokens": _to("generation.max_new_tokens"),
+    "temperature": _to("generation.temperature"),
+    "top_p": _to("generation.top_p"),
+    "top_k": _to("generation.top_k"),
+    "repetition_penalty": _to("generation.repetition_penalty"),
+    "do_sample": _to("generation.do_sample"),
+    "infer_backend": _infer_backend,
     "overwrite_output_dir": _to("output.overwrite"),
     "plot_loss": _to("output.plot_loss"),
     "logging_dir": _to("output.logging_dir"),
@@ -180,7 +193,7 @@ UNSUPPORTED: dict[str, str] = {
             "enable_liger_kernel", "use_galore", "use_badam", "use_apollo", "loraplus_lr_ratio",
             "pissa_convert", "pissa_iter", "resize_vocab", "split_special_tokens", "new_special_tokens",
             "upcast_layernorm", "upcast_lmhead_output", "save_only_model", "adam_beta1", "adam_beta2",
-            "adam_epsilon", "infer_backend", "media_dir", "image_max_pixels", "video_max_pixels",
+            "adam_epsilon", "media_dir", "image_max_pixels", "video_max_pixels",
             "freeze_vision_tower", "tool_format", "use_llama_pro", "quantization_device_map", "pure_bf16",
             "data_seed", "vllm_maxlen", "moe_aux_loss_coef",
         ],

@@ -175,6 +175,9 @@ class TrainConfig:
     """Checkpoint folder to resume from, or 'auto' for the newest valid one in the output folder."""
     report_to: list[str] = field(default_factory=list)
     """Extra loggers: tensorboard, wandb, swanlab, mlflow."""
+    forward_tokens: int | None = None
+    """Most padded tokens per forward pass; micro-batches are cut to fit (same gradient). Default: 512 on CPU,
+    no limit on GPU; 0 disables."""
     group_by_length: bool = True
     """Batch rows of similar length together (less padding); the order stays seeded and resumable."""
     dataloader_workers: int = 0
@@ -196,6 +199,26 @@ class OutputConfig:
 
 
 @dataclass
+class GenerationConfig:
+    max_new_tokens: int = 512
+    """Most tokens generated per answer."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probabilities sum to top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = no limit)."""
+    repetition_penalty: float = 1.0
+    """Values above 1 discourage repeating tokens."""
+    do_sample: bool | None = None
+    """Sample instead of greedy decoding; default follows temperature > 0."""
+    seed: int | None = None
+    """Seed for sampling, for repeatable answers."""
+    system: str | None = None
+    """System prompt for chat; default is the one the model was trained with."""
+
+
+@dataclass
 class RunConfig:
     stage: Stage = "sft"
     """Training stage: pt, sft, rm, dpo, kto, ppo or grpo."""
@@ -209,3 +232,5 @@ class RunConfig:
     """Optimisation and the training loop."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where the run is written."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Decoding settings for chat, the API and prediction."""

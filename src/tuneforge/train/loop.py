@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from tuneforge.config.schema import TrainConfig
 from tuneforge.stages.base import Stage
-from tuneforge.train.batches import BatchPlan, epoch_of, step_batches
+from tuneforge.train.batches import BatchPlan, epoch_of, split_by_tokens, step_batches
 from tuneforge.train.checkpoint import (
     TrainState,
     checkpoint_dir,
@@ -51,6 +51,7 @@ class RunContext:
     plan: BatchPlan
     save_weights: Callable[[Path], None] | None = None  # writes the user-facing adapter/model of a checkpoint
     group_by_length: bool = True
+    forward_tokens: int = 0  # 0: each micro-batch is one forward pass
     tracker_config: dict[str, Any] = field(default_factory=dict)
     logging_dir: Path | None = None
 
@@ -93,6 +94,7 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
         while state.step < plan.total_steps and not stopped():
             micro = [[train_rows[i] for i in b] for b in
                      step_batches(lengths, plan, state.step, train.seed, run.group_by_length, acc.process_index)]
+            micro = [part for rows in micro for part in split_by_tokens(rows, run.forward_tokens)]
             # Normalise by trained tokens of the whole window on every process, so accum 8 x batch 1 gives the
             # gradient of batch 8 x accum 1; DDP's gradient averaging is undone by the world-size factor.
             global_tokens = int(_sum(acc, sum(stage.trained_tokens(rows) for rows in micro)))
@@ -132,7 +134,7 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
             progress.update({"loss": f"{last_loss:.4f}" if last_loss is not None else "-", "lr": f"{lr:.2e}",
                              "tok/s": f"{speed:.0f}"})
             if val_rows and eval_every and (state.step % eval_every == 0 or state.step == plan.total_steps):
-                metrics = evaluate(module, stage, val_rows, train.eval_batch_size, acc)
+                metrics = evaluate(module, stage, val_rows, train.eval_batch_size, acc, run.forward_tokens)
                 if tracker:
                     tracker.log({"step": state.step, "epoch": round(epoch_of(state.step, plan), 4), **metrics})
                 progress.write(f"step {state.step}: eval_loss {metrics['eval_loss']:.4f} "
@@ -150,18 +152,20 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
     return FitResult(state, interrupted, last_loss)
 
 
-def evaluate(module: nn.Module, stage: Stage, rows: list[dict], batch_size: int, acc: Any) -> dict[str, float]:
+def evaluate(module: nn.Module, stage: Stage, rows: list[dict], batch_size: int, acc: Any,
+             forward_tokens: int = 0) -> dict[str, float]:
     """Mean loss over every trained token of the validation rows (sharded across processes), and perplexity."""
     module.eval()
     mine = rows[acc.process_index::acc.num_processes]
     loss_sum, tokens = torch.zeros(()), torch.zeros(())
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
-            batch = {k: v.to(acc.device) for k, v in stage.collate(mine[start:start + batch_size]).items()}
-            with acc.autocast():
-                part, count = module(batch)
-            loss_sum += part.float().cpu()
-            tokens += count.float().cpu()
+            for part_rows in split_by_tokens(mine[start:start + batch_size], forward_tokens):
+                batch = {k: v.to(acc.device) for k, v in stage.collate(part_rows).items()}
+                with acc.autocast():
+                    part, count = module(batch)
+                loss_sum += part.float().cpu()
+                tokens += count.float().cpu()
     module.train()
     total, count = float(_sum(acc, loss_sum)), float(_sum(acc, tokens))
     loss = total / max(count, 1)
