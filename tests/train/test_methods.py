@@ -112,3 +112,32 @@ def test_quantized_full_tuning_is_refused(make_cfg):
 
     with pytest.raises(ConfigError, match="cannot be trained directly"):
         make_cfg("model.quantization_bit=4", "finetune.method=full")
+
+
+def test_gradient_checkpointing_gives_the_same_update(make_cfg, tmp_path):
+    common = ["finetune.method=full", "train.max_steps=1", "train.optimizer=sgd", "train.learning_rate=1e-1"]
+    plain, _, _ = train_in_process(make_cfg(*common, f"output.dir={tmp_path / 'a'}"))
+    checkpointed, _, _ = train_in_process(make_cfg(*common, "train.gradient_checkpointing=true",
+                                                   f"output.dir={tmp_path / 'b'}"))
+    a, b = snapshot(plain), snapshot(checkpointed)
+    assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5
+
+
+def test_llamafactory_flags_train_from_the_command_line(tmp_path, tiny_model_dir):
+    from tuneforge.cli.main import main
+
+    out = tmp_path / "lf"
+    assert main(["train", "--stage", "sft", "--model_name_or_path", str(tiny_model_dir), "--dataset", "identity",
+                 "--template", "chatml", "--finetuning_type", "lora", "--lora_target", "all", "--cutoff_len", "64",
+                 "--max_samples", "8", "--per_device_train_batch_size", "2", "--max_steps", "2",
+                 "--output_dir", str(out), "--logging_steps", "1", "--do_train", "true"]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto", "rm"])
+def test_stages_not_built_yet_are_refused_clearly(make_cfg, stage):
+    from tuneforge.errors import ConfigError
+    from tuneforge.run import stage_for
+
+    with pytest.raises(ConfigError, match=f"stage '{stage}' is not available yet"):
+        stage_for(make_cfg(f"stage={stage}").stage, 0)

@@ -93,6 +93,45 @@ class _Wandb:
         self.run.finish()
 
 
+class _MLflow:
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=run_dir.name)
+        mlflow.log_params({k: str(v)[:250] for k, v in _flatten(config).items()})
+
+    def __call__(self, scalars: dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics(scalars, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+class _SwanLab:
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        import swanlab
+
+        self.swanlab = swanlab
+        swanlab.init(experiment_name=run_dir.name, config=config, logdir=str(run_dir / "swanlab"))
+
+    def __call__(self, scalars: dict[str, float], step: int) -> None:
+        self.swanlab.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.swanlab.finish()
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _open_writer(name: str, logging_dir: Path, run_dir: Path, config: dict[str, Any]) -> Any:
     if name not in KNOWN_REPORTERS:
         raise ConfigError(f"train.report_to: '{name}' is not one of {', '.join(KNOWN_REPORTERS)}")
@@ -103,7 +142,9 @@ def _open_writer(name: str, logging_dir: Path, run_dir: Path, config: dict[str, 
         return _TensorBoard(logging_dir)
     if name == "wandb":
         return _Wandb(run_dir, config)
-    raise ConfigError(f"train.report_to: {name} is installed but not wired up yet; use tensorboard or wandb")
+    if name == "mlflow":
+        return _MLflow(run_dir, config)
+    return _SwanLab(run_dir, config)
 
 
 class Progress:
