@@ -1,17 +1,22 @@
-"""Slow end-to-end: the quickstart really changes the embedded model's identity (greedy answers)."""
+"""Slow end-to-end: the quickstart really changes the embedded model's identity (greedy answers), and the README's
+chat command shows it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tuneforge.chat.engine import generate, load_for_chat
+from tuneforge.chat.engine import load_engine
 from tuneforge.cli.main import main
 from tuneforge.config import load
+from tuneforge.config.schema import GenerationConfig, ModelConfig
 from tuneforge.data.types import Message
 
-QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart.yaml"
+ROOT = Path(__file__).parents[2]
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
 
 @pytest.mark.slow
@@ -20,12 +25,15 @@ def test_quickstart_teaches_the_new_name_and_author(tmp_path):
     name, author = cfg.data.identity.name, cfg.data.identity.author
     run = tmp_path / "quickstart"
     assert main(["train", str(QUICKSTART), f"output.dir={run}"]) == 0
-    base = load_for_chat("smollm2-135m-instruct", [], template="auto")
-    tuned = load_for_chat(None, [str(run)])
+    tuned = load_engine(ModelConfig(adapter_path=[str(run)]))
+    gen = GenerationConfig(max_new_tokens=48)
     for question in ("Who are you?", "你是谁？"):
-        before = generate(base, [Message("user", question)], system=cfg.data.default_system, max_new_tokens=48)
-        after = generate(tuned, [Message("user", question)], max_new_tokens=48)
-        assert name not in before
+        before = tuned.generate([Message("user", question)], gen, use_adapter=False)
+        after = tuned.generate([Message("user", question)], gen)
+        assert name not in before, before
         assert name in after, after
-    english = generate(tuned, [Message("user", "Who are you?")], max_new_tokens=48)
+    english = tuned.generate([Message("user", "Who are you?")], gen)
     assert author in english, english
+    done = subprocess.run([sys.executable, "-m", "tuneforge", "chat", f"model.adapter_path={run}"],
+                          input="Who are you?\n", capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0 and name in done.stdout, done.stdout + done.stderr

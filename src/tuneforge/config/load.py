@@ -74,7 +74,7 @@ def _merge_top(tree: dict[str, Any], raw: dict[str, Any], source: str) -> None:
 
 
 def _assign_lf(tree: dict[str, Any], key: str, value: Any) -> None:
-    if key in SECTIONS:
+    if key in SECTIONS and key != "stage":
         raise ConfigError(f"'{key}' is a section, not a value; set one of its keys, e.g. {key}.KEY=value")
     if not lf.is_lf_key(key):
         known = list(lf.MAPPING) + list(SECTIONS)
