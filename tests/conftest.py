@@ -55,3 +55,35 @@ def dataset_dir(tmp_path) -> Path:
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own tokenized-data cache so results never leak between tests."""
     monkeypatch.setenv("TUNEFORGE_DATA_CACHE", str(tmp_path / "cache"))
+
+
+def train_tiny_run(out: Path, tiny_model_dir: Path, *extra: str) -> Path:
+    """A tiny LoRA run: a full run folder with adapter/ and checkpoints/step-2/adapter."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from tuneforge.config import load
+    from tuneforge.run import train
+
+    cfg = load(None, [f"model.path={tiny_model_dir}", "data.dataset=identity", "data.template=chatml",
+                      "data.max_samples=8", "data.cutoff_len=64", "train.max_steps=3", "train.save_steps=2",
+                      "train.learning_rate=5e-2", "train.precision=fp32", f"output.dir={out}",
+                      "finetune.lora.rank=4", *extra])
+    try:
+        return train(cfg)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A trained tiny LoRA run folder."""
+    return train_tiny_run(tmp_path_factory.mktemp("runs") / "tiny_a", tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_b(tmp_path_factory, tiny_model_dir) -> Path:
+    """A second tiny LoRA run (different seed and learning rate)."""
+    return train_tiny_run(tmp_path_factory.mktemp("runs") / "tiny_b", tiny_model_dir, "train.seed=7",
+                          "train.learning_rate=1e-1")

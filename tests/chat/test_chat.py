@@ -8,29 +8,9 @@ import sys
 import pytest
 
 from tuneforge.chat.engine import adapter_folder, cut_at_stop_words, load_engine
-from tuneforge.config import load
 from tuneforge.config.schema import GenerationConfig, ModelConfig
 from tuneforge.data.types import Message
 from tuneforge.errors import ModelError
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir):
-    """A tiny LoRA run (full folder with adapter/ and checkpoints/step-2/adapter)."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    from tuneforge.run import train
-
-    out = tmp_path_factory.mktemp("chat") / "run"
-    cfg = load(None, [f"model.path={tiny_model_dir}", "data.dataset=identity", "data.template=chatml",
-                      "data.max_samples=8", "data.cutoff_len=64", "train.max_steps=3", "train.save_steps=2",
-                      "train.learning_rate=5e-2", "train.precision=fp32", f"output.dir={out}",
-                      "finetune.lora.rank=4"])
-    train(cfg)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-    return out
 
 
 def test_adapter_path_may_be_run_checkpoint_or_adapter_folder(tiny_run, tmp_path):
@@ -47,7 +27,7 @@ def test_engine_uses_the_run_template_and_base(tiny_run, tiny_model_dir):
     gen = GenerationConfig(max_new_tokens=8)
     tuned = engine.generate([Message("user", "Who are you?")], gen)
     again = engine.generate([Message("user", "Who are you?")], gen)
-    base = engine.generate([Message("user", "Who are you?")], gen, use_adapter=False)
+    base = engine.generate([Message("user", "Who are you?")], gen, adapter=False)
     assert tuned == again  # greedy is deterministic
     assert tuned != base  # the adapter changes the answer
     streamed = "".join(engine.stream([Message("user", "Who are you?")], gen))
@@ -81,3 +61,22 @@ def test_compare_without_adapter_is_refused(tiny_model_dir, capsys):
 
     assert main(["chat", f"model.path={tiny_model_dir}", "--compare"]) == 2
     assert "--compare needs an adapter" in capsys.readouterr().err
+
+
+def test_interactive_chat_keeps_history_clears_and_exits(tiny_run, monkeypatch, capsys):
+    from tuneforge.cli import chat_cmd
+
+    engine = load_engine(ModelConfig(adapter_path=[str(tiny_run)]))
+    seen: list[int] = []
+    original = engine.stream
+
+    def spy(messages, *args, **kwargs):
+        seen.append(len(messages))
+        return original(messages, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "stream", spy)
+    answers = iter(["hello", "again", "clear", "fresh", "exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert chat_cmd.interactive(engine, GenerationConfig(max_new_tokens=4), compare=False) == 0
+    assert seen == [1, 3, 1]  # history grows, then `clear` starts over
+    assert capsys.readouterr().out.count("Assistant: ") == 3

@@ -28,7 +28,7 @@ def test_quickstart_teaches_the_new_name_and_author(tmp_path):
     tuned = load_engine(ModelConfig(adapter_path=[str(run)]))
     gen = GenerationConfig(max_new_tokens=48)
     for question in ("Who are you?", "你是谁？"):
-        before = tuned.generate([Message("user", question)], gen, use_adapter=False)
+        before = tuned.generate([Message("user", question)], gen, adapter=False)
         after = tuned.generate([Message("user", question)], gen)
         assert name not in before, before
         assert name in after, after

@@ -1,12 +1,13 @@
-"""The inference engine (transformers backend): base model plus adapters, prompts built by the training template."""
+"""The inference engine (transformers backend): a base model with named adapters, prompts built by the training
+template, streaming, stop words, and one generation at a time (a lock), so concurrent callers queue safely."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tuneforge.templates import get_template
 from tuneforge.templates.base import Template
 
 RUN_INFO = "tuneforge_run.json"
+BASE = False  # pass as `adapter` to answer with the base model
 
 
 def adapter_folder(path: str | Path) -> Path:
@@ -39,56 +41,90 @@ def run_info(folder: Path) -> dict[str, Any]:
 
 
 @dataclass
+class Completion:
+    """One finished answer with token counts and why it stopped ('stop' or 'length')."""
+
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+
+
+@dataclass
 class ChatEngine:
-    """A model ready to answer: weights, tokenizer, and the template it was trained with."""
+    """A model ready to answer: weights, tokenizer, template, and the names of its adapters."""
 
     model: Any
     tokenizer: Any
     template: Template
     default_system: str | None
-    has_adapter: bool
+    adapters: list[str] = field(default_factory=list)
+    lock: Any = field(default_factory=threading.Lock)
 
-    def generate(self, messages: list[Message], gen: GenerationConfig, use_adapter: bool = True) -> str:
-        """The whole answer (greedy when temperature is 0), cut at the template's stop words."""
-        return "".join(self.stream(messages, gen, use_adapter))
+    @property
+    def has_adapter(self) -> bool:
+        return bool(self.adapters)
 
-    def stream(self, messages: list[Message], gen: GenerationConfig, use_adapter: bool = True) -> Iterator[str]:
-        """Yield the answer piece by piece as it is generated."""
+    def generate(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
+                 tools: str | None = None, stop: list[str] | None = None) -> str:
+        """The whole answer (greedy when temperature is 0), cut at the stop words."""
+        return self.complete(messages, gen, adapter, tools, stop).text
+
+    def complete(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
+                 tools: str | None = None, stop: list[str] | None = None) -> Completion:
+        """The answer with its usage figures."""
+        result = Completion()
+        result.text = "".join(self.stream(messages, gen, adapter, tools, stop, result))
+        return result
+
+    def stream(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
+               tools: str | None = None, stop: list[str] | None = None,
+               result: Completion | None = None) -> Iterator[str]:
+        """Yield the answer piece by piece; `result` (if given) receives token counts and the finish reason."""
         from transformers import TextIteratorStreamer
 
-        ids = self.prompt_ids(messages, gen.system)
+        ids = self.prompt_ids(messages, gen.system, tools)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
         kwargs = self._generate_kwargs(ids, gen)
-        errors: list[BaseException] = []
+        stop_words = list(self.template.stop_words) + list(stop or [])
+        if stop_words:  # generation itself ends at multi-token stop strings too
+            kwargs.update(stop_strings=stop_words, tokenizer=self.tokenizer)
+        outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                with self._adapter(use_adapter), torch.no_grad():
-                    self.model.generate(**kwargs, streamer=streamer)
+                with self.lock, self._adapter(adapter), torch.no_grad():
+                    if gen.seed is not None:
+                        torch.manual_seed(gen.seed)
+                    outcome["ids"] = self.model.generate(**kwargs, streamer=streamer)[0, len(ids):]
             except BaseException as err:  # surfaced in the caller's thread below
-                errors.append(err)
+                outcome["error"] = err
                 streamer.end()
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield from cut_at_stop_words(streamer, self.template.stop_words)
+        stopped = yield from cut_at_stop_words(streamer, stop_words)
         thread.join()
-        if errors:
-            raise errors[0]
+        if "error" in outcome:
+            raise outcome["error"]
+        if result is not None:
+            generated = outcome["ids"]
+            hit_eos = len(generated) and int(generated[-1]) in self.stop_ids()
+            result.prompt_tokens = len(ids)
+            result.completion_tokens = len(generated)
+            result.finish_reason = "stop" if stopped or hit_eos or len(generated) < gen.max_new_tokens else "length"
 
-    def prompt_ids(self, messages: list[Message], system: str | None) -> list[int]:
+    def prompt_ids(self, messages: list[Message], system: str | None, tools: str | None = None) -> list[int]:
         """Token ids of the prompt, encoded exactly as training encoded prompts."""
-        return self.template.encode_prompt(messages, system if system is not None else self.default_system, None)
+        return self.template.encode_prompt(messages, system if system is not None else self.default_system, tools)
 
     def _generate_kwargs(self, ids: list[int], gen: GenerationConfig) -> dict[str, Any]:
         sample = gen.do_sample if gen.do_sample is not None else gen.temperature > 0
-        if gen.seed is not None:
-            torch.manual_seed(gen.seed)
         kwargs: dict[str, Any] = {
             "input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
             "max_new_tokens": gen.max_new_tokens, "do_sample": sample,
             "repetition_penalty": gen.repetition_penalty, "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.stop_ids() or self.tokenizer.eos_token_id,
+            "eos_token_id": self.stop_ids(),
         }
         if sample:
             kwargs.update(temperature=gen.temperature or 1.0, top_p=gen.top_p, top_k=gen.top_k or None)
@@ -97,7 +133,7 @@ class ChatEngine:
         return kwargs
 
     def stop_ids(self) -> list[int]:
-        """Stop words that are single tokens; longer ones are cut from the text afterwards."""
+        """Stop words that are single tokens (longer ones are cut from the text), plus eos."""
         ids = []
         for word in self.template.stop_words:
             encoded = self.tokenizer.encode(word, add_special_tokens=False)
@@ -107,47 +143,70 @@ class ChatEngine:
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
-    def _adapter(self, use: bool) -> Any:
-        if use or not self.has_adapter:
-            return contextlib.nullcontext()
-        return self.model.disable_adapter()
+    def _adapter(self, adapter: bool | str) -> Any:
+        if not self.adapters:
+            if isinstance(adapter, str):
+                raise ModelError(f"no adapter named '{adapter}' is loaded")
+            return nullcontext()
+        if adapter is False:
+            return self.model.disable_adapter()
+        name = self.adapters[-1] if adapter is True else adapter
+        if name not in self.adapters:
+            raise ModelError(f"no adapter named '{name}'; loaded: {', '.join(self.adapters)}")
+        self.model.set_adapter(name)
+        return nullcontext()
 
 
 def cut_at_stop_words(pieces: Iterator[str], stop_words: list[str]) -> Iterator[str]:
-    """Pass text through until a stop word appears; hold back text that might be the start of one."""
+    """Pass text through until a stop word appears (returns True then); hold back a possible stop-word start."""
     buffer = ""
     hold = max((len(w) for w in stop_words), default=0)
     for piece in pieces:
         buffer += piece
-        hits = [buffer.index(w) for w in stop_words if w in buffer]
+        hits = [buffer.index(w) for w in stop_words if w and w in buffer]
         if hits:
-            yield buffer[: min(hits)]
-            return
+            if buffer[: min(hits)]:
+                yield buffer[: min(hits)]
+            for _ in pieces:  # let the generator finish so the worker thread ends
+                pass
+            return True
         if len(buffer) > hold:
             yield buffer[: len(buffer) - hold]
             buffer = buffer[len(buffer) - hold:]
     if buffer:
         yield buffer
+    return False
 
 
 def load_engine(model_cfg: ModelConfig, template: str = "auto", default_system: str | None = None,
-                enable_thinking: bool = True) -> ChatEngine:
-    """Load base + adapters; the template and system prompt recorded by training are used unless overridden."""
+                enable_thinking: bool = True, named: dict[str, str] | None = None) -> ChatEngine:
+    """Base + adapters. model.adapter_path entries stack (earlier ones merged, the last switchable); `named`
+    adapters are loaded side by side, each selectable by name. Template and system prompt come from the last
+    adapter's run unless given."""
     from peft import PeftModel
 
-    folders = [adapter_folder(a) for a in model_cfg.adapter_path]
+    stacked = [adapter_folder(a) for a in model_cfg.adapter_path]
+    separate = {name: adapter_folder(path) for name, path in (named or {}).items()}
+    folders = stacked + list(separate.values())
     info = run_info(folders[-1]) if folders else {}
     base = model_cfg
     if folders and model_cfg.path == ModelConfig.path and info.get("base_model"):
         base = replace(model_cfg, path=info["base_model"])  # the run knows its base
-    tokenizer = load_tokenizer(base, padding_side="left")
+    tokenizer = load_tokenizer(replace(base, adapter_path=[]), padding_side="left")
     model = load_model(base)
-    for folder in folders[:-1]:  # earlier adapters are merged; the last stays separate (switchable off)
+    for folder in stacked[:-1]:
         model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-    if folders:
-        model = PeftModel.from_pretrained(model, str(folders[-1]))
+    names: list[str] = []
+    loaded = ([(stacked[-1].parent.name if stacked[-1].name == "adapter" else stacked[-1].name, stacked[-1])]
+              if stacked else []) + list(separate.items())
+    for name, folder in loaded:
+        if not names:
+            model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+        else:
+            model.load_adapter(str(folder), adapter_name=name)
+        names.append(name)
     model.eval()
-    name = template if template != "auto" else info.get("template", "auto")
+    template_name = template if template != "auto" else info.get("template", "auto")
     system = default_system if default_system is not None else info.get("default_system")
-    chosen = get_template(name, tokenizer, system, info.get("enable_thinking", enable_thinking))
-    return ChatEngine(model, tokenizer, chosen, system, has_adapter=bool(folders))
+    chosen = get_template(template_name, tokenizer, system, info.get("enable_thinking", enable_thinking))
+    return ChatEngine(model, tokenizer, chosen, system, names)

@@ -44,7 +44,7 @@ def piped(engine: Any, gen: Any, compare: bool) -> int:
         messages = [Message("user", prompt)]
         if compare:
             print(f"[prompt] {prompt}")
-            print(f"[base]   {engine.generate(messages, gen, use_adapter=False)}")
+            print(f"[base]   {engine.generate(messages, gen, adapter=False)}")
             print(f"[tuned]  {engine.generate(messages, gen)}", flush=True)
         else:
             print(engine.generate(messages, gen), flush=True)
@@ -74,7 +74,7 @@ def interactive(engine: Any, gen: Any, compare: bool) -> int:
         history.append(Message("user", prompt))
         if compare:
             print("Base: ", end="", flush=True)
-            for piece in engine.stream(history, gen, use_adapter=False):
+            for piece in engine.stream(history, gen, adapter=False):
                 print(piece, end="", flush=True)
             print()
         print("Assistant: " if not compare else "Tuned: ", end="", flush=True)

@@ -69,6 +69,12 @@ def _not_gc(value: Any) -> Assignments:
     return [("train.gradient_checkpointing", not _truthy(value))]
 
 
+def _export_device(value: Any) -> Assignments:
+    if value not in ("cpu", "auto"):
+        raise ConfigError(f"export_device: {value!r} is not supported; tuneforge merges on the CPU")
+    return []
+
+
 def _infer_backend(value: Any) -> Assignments:
     if value not in ("huggingface", "hf"):
         raise ConfigError(f"infer_backend: {value!r} is not available; tuneforge serves with huggingface (transformers)")
@@ -157,6 +163,9 @@ MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "repetition_penalty": _to("generation.repetition_penalty"),
     "do_sample": _to("generation.do_sample"),
     "infer_backend": _infer_backend,
+    "export_dir": _to("export.dir"),
+    "export_size": _to("export.size"),
+    "export_device": _export_device,
     "overwrite_output_dir": _to("output.overwrite"),
     "plot_loss": _to("output.plot_loss"),
     "logging_dir": _to("output.logging_dir"),
@@ -180,9 +189,8 @@ UNSUPPORTED: dict[str, str] = {
         "evaluation and prediction arrive with `tuneforge eval`": [
             "do_eval", "do_predict", "predict_with_generate", "task", "task_dir", "n_shot", "lang",
         ],
-        "export arrives with `tuneforge export`": [
-            "export_dir", "export_size", "export_device", "export_legacy_format", "export_quantization_bit",
-            "export_hub_model_id",
+        "export options beyond dir, size and device are not supported yet": [
+            "export_legacy_format", "export_quantization_bit", "export_quantization_dataset", "export_hub_model_id",
         ],
         "preference stages arrive with their stage": [
             "pref_beta", "pref_ftx", "pref_loss", "dpo_label_smoothing", "kto_chosen_weight",

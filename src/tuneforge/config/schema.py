@@ -219,6 +219,26 @@ class GenerationConfig:
 
 
 @dataclass
+class ExportConfig:
+    dir: str = "exports/latest"
+    """Folder for the merged model (safetensors), Modelfile and GGUF files."""
+    size: float = 5.0
+    """Largest safetensors shard in GB (LLaMA-Factory: export_size)."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Weight dtype of the export; 'auto' keeps the base model's dtype."""
+    modelfile: bool = True
+    """Write an Ollama Modelfile (template, stop words, system prompt)."""
+    gguf: list[str] = field(default_factory=list)
+    """GGUF files to write: any of f16, bf16, q8_0 (Llama-family models with BPE tokenizers)."""
+    verify: bool = True
+    """Reload each export and compare its next-token logits with base + adapter."""
+    tolerance: float | None = None
+    """Largest allowed logit difference; default depends on the dtype (see the README)."""
+    overwrite: bool = False
+    """Replace an existing export folder."""
+
+
+@dataclass
 class RunConfig:
     stage: Stage = "sft"
     """Training stage: pt, sft, rm, dpo, kto, ppo or grpo."""
@@ -234,3 +254,5 @@ class RunConfig:
     """Where the run is written."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Decoding settings for chat, the API and prediction."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """Merging and exporting a trained model."""

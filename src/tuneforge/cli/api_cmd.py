@@ -1,0 +1,62 @@
+"""`tuneforge api`: serve a base model and its adapters with an OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from tuneforge.errors import ConfigError
+
+
+def register(sub: Any) -> None:
+    """Add the api command."""
+    from tuneforge.cli.main import add_config_argument
+
+    p = sub.add_parser("api", help="OpenAI-compatible API server (binds 127.0.0.1:8000 by default)")
+    add_config_argument(p)
+    p.add_argument("--host", default=None, help="address to bind (default API_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default API_PORT or 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default API_KEY)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="serve an adapter under its own model name (repeatable)")
+    p.set_defaults(handler=cmd_api)
+
+
+def adapter_names(paths: list[str], flags: list[str]) -> dict[str, str]:
+    """Model name -> adapter path: run-folder names for model.adapter_path, NAME=PATH for --adapter."""
+    named: dict[str, str] = {}
+    for path in paths:
+        folder = Path(path)
+        named[folder.parent.name if folder.name == "adapter" else folder.name] = path
+    for item in flags:
+        if "=" not in item:
+            raise ConfigError(f"--adapter {item!r} must look like NAME=PATH")
+        name, path = item.split("=", 1)
+        named[name] = path
+    return named
+
+
+def cmd_api(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any]) -> int:
+    """Load the model once and serve it until interrupted."""
+    import uvicorn
+
+    from tuneforge.chat.engine import load_engine
+    from tuneforge.config import load
+    from tuneforge.deps import require
+    from tuneforge.serve.api import create_app
+
+    require("fastapi", "api")
+    cfg = load(args.config, overrides, flags)
+    named = adapter_names(cfg.model.adapter_path, args.adapter)
+    engine = load_engine(replace(cfg.model, adapter_path=[]), cfg.data.template, cfg.data.default_system,
+                         cfg.data.enable_thinking, named=named)
+    base_name = Path(cfg.model.path).name if Path(cfg.model.path).exists() else cfg.model.path
+    app = create_app(engine, base_name, args.api_key or os.environ.get("API_KEY") or None, cfg.generation)
+    host = args.host or os.environ.get("API_HOST", "127.0.0.1")
+    port = args.port or int(os.environ.get("API_PORT", "8000"))
+    print(f"serving {', '.join([base_name, *engine.adapters])} on http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+    return 0

@@ -1,0 +1,1 @@
+"""Merging adapters and exporting models (safetensors, Modelfile, GGUF), each export verified."""

@@ -1,0 +1,1 @@
+"""Servers: the OpenAI-compatible API."""

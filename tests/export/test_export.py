@@ -1,0 +1,102 @@
+"""Merging and exporting, each artifact checked against base + adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tuneforge.chat.engine import load_engine
+from tuneforge.cli.main import main
+from tuneforge.config.schema import GenerationConfig, ModelConfig
+from tuneforge.data.types import Message
+
+
+def test_merged_equals_unmerged_logits_fp32(tiny_model_dir, tiny_run):
+    engine = load_engine(ModelConfig(path=str(tiny_model_dir), adapter_path=[str(tiny_run)], dtype="fp32"))
+    ids = torch.tensor([engine.prompt_ids([Message("user", "Who are you?")], None)])
+    with torch.no_grad():
+        unmerged = engine.model(input_ids=ids).logits
+        with engine.model.disable_adapter():
+            base = engine.model(input_ids=ids).logits
+        merged = engine.model.merge_and_unload()(input_ids=ids).logits
+    assert (unmerged - base).abs().max() > 1e-3  # the adapter matters...
+    assert (merged - unmerged).abs().max() < 1e-5  # ...and merging keeps it exactly
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model_dir, tiny_run):
+    out = tmp_path_factory.mktemp("export") / "merged"
+    code = main(["export", f"model.path={tiny_model_dir}", f"model.adapter_path={tiny_run}", f"export.dir={out}",
+                 "export.size=0.002", "export.gguf=f16,q8_0"])
+    return code, out
+
+
+def test_export_writes_sharded_self_contained_folder(exported, tiny_model_dir, tiny_run):
+    code, out = exported
+    assert code == 0
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (out / "model.safetensors.index.json").is_file()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja", "Modelfile"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    # plain transformers loads it and gives the same greedy answer as base + adapter
+    model = AutoModelForCausalLM.from_pretrained(out)
+    engine = load_engine(ModelConfig(path=str(tiny_model_dir), adapter_path=[str(tiny_run)]))
+    ids = engine.prompt_ids([Message("user", "Who are you?")], None)
+    with torch.no_grad():
+        plain = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
+    expected = engine.complete([Message("user", "Who are you?")], GenerationConfig(max_new_tokens=8))
+    assert engine.tokenizer.decode(plain, skip_special_tokens=True).startswith(expected.text.strip()[:10])
+
+
+def test_export_prints_verification_including_gguf(tmp_path, tiny_model_dir, tiny_run, capsys):
+    out = tmp_path / "e"
+    assert main(["export", f"model.path={tiny_model_dir}", f"model.adapter_path={tiny_run}", f"export.dir={out}",
+                 "export.gguf=bf16", "export.modelfile=false"]) == 0
+    printed = capsys.readouterr().out
+    assert "safetensors-fp32" in printed and "gguf-bf16" in printed and "FAILED" not in printed
+    assert (out / "model-bf16.gguf").stat().st_size > 1000
+
+
+def test_gguf_round_trip_through_transformers(exported, tiny_model_dir):
+    _, out = exported
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    for kind, tol in (("f16", 0.05), ("q8_0", 0.5)):
+        loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=f"model-{kind}.gguf", dtype=torch.float32)
+        ids = torch.tensor([[1, 9690, 198, 2683, 359, 2, 198, 1, 4093, 198]])
+        with torch.no_grad():
+            diff = (loaded(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item()
+        assert diff < tol, (kind, diff)
+
+
+def test_modelfile_has_template_stop_words_and_gguf(exported):
+    _, out = exported
+    text = (out / "Modelfile").read_text()
+    assert text.startswith("FROM ./model-f16.gguf")
+    assert "{{ .Prompt }}" in text and "{{ .Response }}" in text and "{{ if .System }}" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+
+
+def test_failed_verification_exits_nonzero(tmp_path, tiny_model_dir, tiny_run, capsys):
+    code = main(["export", f"model.path={tiny_model_dir}", f"model.adapter_path={tiny_run}",
+                 f"export.dir={tmp_path / 'x'}", "export.tolerance=-1", "export.modelfile=false"])
+    assert code == 1 and "FAILED" in capsys.readouterr().out
+
+
+def test_quantized_base_message_names_the_fix(tmp_path, tiny_model_dir, tiny_run, capsys):
+    assert main(["export", f"model.path={tiny_model_dir}", f"model.adapter_path={tiny_run}",
+                 "model.quantization_bit=4", f"export.dir={tmp_path / 'q'}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot merge adapters into a quantized base" in err and "remove model.quantization_bit" in err
+
+
+def test_llamafactory_export_keys(tmp_path, tiny_model_dir, tiny_run):
+    out = tmp_path / "lf"
+    assert main(["export", "--model_name_or_path", str(tiny_model_dir), "--adapter_name_or_path", str(tiny_run),
+                 "--template", "chatml", "--finetuning_type", "lora", "--export_dir", str(out),
+                 "--export_size", "1", "--export_device", "cpu"]) == 0
+    info = json.loads((out / "tuneforge_run.json").read_text())
+    assert info["template"] == "chatml" and info["dtype"] == "fp32"

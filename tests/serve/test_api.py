@@ -1,0 +1,201 @@
+"""The OpenAI-compatible API, exercised with the real `openai` client over loopback."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from tuneforge.chat.engine import load_engine
+from tuneforge.cli.api_cmd import adapter_names
+from tuneforge.config.schema import GenerationConfig, ModelConfig
+from tuneforge.data.types import Message
+from tuneforge.serve.api import create_app, parse_tool_calls
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+GEN = GenerationConfig(max_new_tokens=8)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, tiny_run, tiny_run_b):
+    named = adapter_names([str(tiny_run)], [f"second={tiny_run_b}"])
+    return load_engine(ModelConfig(path=str(tiny_model_dir)), "chatml", named=named)
+
+
+def serve(engine, api_key=None):
+    port = free_port()
+    app = create_app(engine, "tiny-base", api_key, GEN)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    return server, f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="module")
+def open_server(engine):
+    server, url = serve(engine)
+    yield url
+    server.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def locked_server(engine):
+    server, url = serve(engine, api_key="s3cret")
+    yield url
+    server.should_exit = True
+
+
+def test_models_lists_base_and_each_adapter(open_server):
+    client = openai.OpenAI(base_url=open_server, api_key="unused")
+    assert sorted(m.id for m in client.models.list().data) == ["second", "tiny-base", "tiny_a"]
+
+
+def test_completion_matches_the_engine_and_counts_usage(open_server, engine):
+    client = openai.OpenAI(base_url=open_server, api_key="unused")
+    reply = client.chat.completions.create(model="tiny_a", messages=[{"role": "user", "content": "Who are you?"}],
+                                           max_tokens=8, temperature=0)
+    expected = engine.complete([Message("user", "Who are you?")], GEN, adapter="tiny_a")
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+    assert reply.usage.completion_tokens == expected.completion_tokens > 0
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_adapters_answer_differently_by_name(open_server):
+    client = openai.OpenAI(base_url=open_server, api_key="unused")
+    answers = {name: client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=8).choices[0].message.content
+               for name in ("tiny-base", "tiny_a", "second")}
+    assert len(set(answers.values())) == 3, answers
+
+
+def test_streaming_gives_the_same_text_and_ends_with_done(open_server):
+    client = openai.OpenAI(base_url=open_server, api_key="unused")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"}]
+    whole = client.chat.completions.create(model="tiny_a", messages=messages, max_tokens=8)
+    chunks = list(client.chat.completions.create(model="tiny_a", messages=messages, max_tokens=8, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    with httpx.stream("POST", f"{open_server}/chat/completions",
+                      json={"model": "tiny_a", "messages": messages, "max_tokens": 4, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_n_and_seed_give_several_choices(open_server):
+    client = openai.OpenAI(base_url=open_server, api_key="unused")
+    reply = client.chat.completions.create(model="tiny_a", messages=[{"role": "user", "content": "hi"}], n=3,
+                                           max_tokens=6, temperature=1.0, seed=11)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    again = client.chat.completions.create(model="tiny_a", messages=[{"role": "user", "content": "hi"}], n=3,
+                                           max_tokens=6, temperature=1.0, seed=11)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+
+
+def test_auth_is_required_when_a_key_is_set(locked_server):
+    bad = openai.OpenAI(base_url=locked_server, api_key="wrong")
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    good = openai.OpenAI(base_url=locked_server, api_key="s3cret")
+    assert good.chat.completions.create(model="tiny_a", messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=4).choices[0].message.content is not None
+    assert httpx.get(f"{locked_server}/models").status_code == 401
+
+
+def test_fifty_concurrent_requests_all_complete(open_server, engine):
+    expected = engine.generate([Message("user", "Who are you?")], GEN, adapter="tiny_a")
+
+    def ask(i: int) -> str:
+        client = openai.OpenAI(base_url=open_server, api_key="unused", timeout=300)
+        kwargs = dict(model="tiny_a", messages=[{"role": "user", "content": "Who are you?"}], max_tokens=8)
+        if i % 2:
+            return "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(stream=True, **kwargs))
+        return client.chat.completions.create(**kwargs).choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(ask, range(50)))
+    assert answers == [expected] * 50
+
+
+@pytest.mark.parametrize(("body", "status", "fragment"), [
+    ({"model": "tiny_a"}, 400, "messages"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
+    ({"model": "tiny_a", "messages": []}, 400, "messages"),
+    ({"model": "tiny_a", "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    ({"model": "tiny_a", "messages": [{"role": "assistant", "content": "x"}]}, 400, "last message"),
+    ({"model": "tiny_a", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400,
+     "alternate"),
+    ({"model": "tiny_a", "messages": [{"role": "user", "content": "x"}], "temperature": 9}, 400, "temperature"),
+    ({"model": "tiny_a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny_a", "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
+])
+def test_malformed_requests_get_openai_errors(open_server, body, status, fragment):
+    response = httpx.post(f"{open_server}/chat/completions", json=body)
+    assert response.status_code == status
+    payload = response.json()
+    assert fragment in payload["error"]["message"] and payload["error"]["type"]
+    assert "Traceback" not in response.text
+
+
+def test_broken_json_body_is_a_400(open_server):
+    response = httpx.post(f"{open_server}/chat/completions", content=b"{not json",
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "error" in response.json()
+
+
+def test_tool_calls_are_parsed_from_the_answer():
+    calls = parse_tool_calls('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert parse_tool_calls("just text") == []
+
+
+def test_tools_reach_the_prompt(engine):
+    tools = json.dumps([{"type": "function", "function": {"name": "get_weather", "parameters": {}}}])
+    ids = engine.prompt_ids([Message("user", "Weather?")], None, tools)
+    assert "get_weather" in engine.tokenizer.decode(ids)
+
+
+def test_api_command_binds_loopback_and_honours_api_key_env(tiny_model_dir, tiny_run):
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = dict(os.environ, API_PORT=str(port), API_KEY="k")
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "api", f"model.path={tiny_model_dir}",
+                             f"model.adapter_path={tiny_run}", "data.template=chatml"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/v1" in line, line
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/v1/models")
+                break
+            except httpx.ConnectError:
+                time.sleep(0.2)
+        assert response.status_code == 401
+        ok = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k"})
+        assert [m["id"] for m in ok.json()["data"]] == [tiny_model_dir.name, "tiny_a"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
