@@ -114,6 +114,29 @@ class ChatEngine:
             result.completion_tokens = len(generated)
             result.finish_reason = "stop" if stopped or hit_eos or len(generated) < gen.max_new_tokens else "length"
 
+    def generate_batch(self, conversations: list[list[Message]], gen: GenerationConfig,
+                       adapter: bool | str = True) -> list[Completion]:
+        """Answers for several prompts at once: left-padded into one batch, each cut at its stop words."""
+        prompts = [self.prompt_ids(m, gen.system) for m in conversations]
+        longest = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+        kwargs = self._generate_kwargs(prompts[0], gen)
+        kwargs.update(input_ids=input_ids, attention_mask=mask)
+        with self.lock, self._adapter(adapter), torch.no_grad():
+            if gen.seed is not None:
+                torch.manual_seed(gen.seed)
+            out = self.model.generate(**kwargs)[:, longest:]
+        stops, results = set(self.stop_ids()), []
+        for prompt, row in zip(prompts, out.tolist()):
+            ended = next((i for i, t in enumerate(row) if t in stops), None)
+            kept = row if ended is None else row[:ended]
+            text = "".join(cut_at_stop_words(iter([self.tokenizer.decode(kept)]), self.template.stop_words))
+            results.append(Completion(text.strip(), len(prompt), len(kept) + (ended is not None),
+                                      "length" if ended is None and len(row) >= gen.max_new_tokens else "stop"))
+        return results
+
     def prompt_ids(self, messages: list[Message], system: str | None, tools: str | None = None) -> list[int]:
         """Token ids of the prompt, encoded exactly as training encoded prompts."""
         return self.template.encode_prompt(messages, system if system is not None else self.default_system, tools)

@@ -69,6 +69,18 @@ def _not_gc(value: Any) -> Assignments:
     return [("train.gradient_checkpointing", not _truthy(value))]
 
 
+def _predict(value: Any) -> Assignments:
+    return [("eval.modes", ["predict"])] if _truthy(value) else []
+
+
+def _task(value: Any) -> Assignments:
+    """LF names a task with its split (mmlu_test, ceval_validation); the split is implied by the layout here."""
+    name = str(value)
+    for suffix in ("_test", "_validation", "_val"):
+        name = name.removesuffix(suffix)
+    return [("eval.task", name), ("eval.modes", ["choice"])]
+
+
 def _export_device(value: Any) -> Assignments:
     if value not in ("cpu", "auto"):
         raise ConfigError(f"export_device: {value!r} is not supported; tuneforge merges on the CPU")
@@ -164,6 +176,13 @@ MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "do_sample": _to("generation.do_sample"),
     "infer_backend": _infer_backend,
     "export_dir": _to("export.dir"),
+    "do_predict": _predict,
+    "predict_with_generate": _predict,
+    "task": _task,
+    "task_dir": _to("eval.task_dir"),
+    "n_shot": _to("eval.n_shot"),
+    "lang": _to("eval.lang"),
+    "save_dir": _to("eval.dir"),
     "export_size": _to("export.size"),
     "export_device": _export_device,
     "overwrite_output_dir": _to("output.overwrite"),
@@ -186,9 +205,7 @@ UNSUPPORTED: dict[str, str] = {
     key: reason
     for reason, keys in {
         "multi-GPU back-ends other than DDP are not wired up yet": ["deepspeed", "fsdp", "fsdp_config"],
-        "evaluation and prediction arrive with `tuneforge eval`": [
-            "do_eval", "do_predict", "predict_with_generate", "task", "task_dir", "n_shot", "lang",
-        ],
+        "use `tuneforge eval` (eval.modes) for evaluation outside training": ["do_eval"],
         "export options beyond dir, size and device are not supported yet": [
             "export_legacy_format", "export_quantization_bit", "export_quantization_dataset", "export_hub_model_id",
         ],

@@ -15,7 +15,7 @@ from tuneforge.config.typed import build, coerce, field_type, to_dict
 from tuneforge.errors import ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
-SECTIONS = ("stage", "model", "finetune", "data", "train", "output", "generation", "export")
+SECTIONS = ("stage", "model", "finetune", "data", "train", "output", "generation", "export", "eval")
 
 
 def load(path: str | Path | None, overrides: list[str] = (), lf_flags: dict[str, Any] | None = None) -> RunConfig:

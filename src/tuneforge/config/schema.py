@@ -239,6 +239,26 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    modes: list[Literal["loss", "predict", "choice"]] = field(default_factory=lambda: ["loss"])
+    """What to measure: loss (loss, perplexity, token accuracy), predict (generate + BLEU/ROUGE), choice."""
+    dir: str = "runs/eval"
+    """Folder for predictions.jsonl, results.json and report.md."""
+    batch_size: int = 4
+    """Rows per batch for loss and predict."""
+    task: str = "mmlu_demo"
+    """Multiple-choice benchmark: a built-in demo (mmlu_demo, ceval_demo, cmmlu_demo) or a folder in task_dir."""
+    task_dir: str | None = None
+    """Folder holding benchmark folders in the MMLU / C-Eval / CMMLU layouts."""
+    n_shot: int = 5
+    """Solved dev examples shown before each question (fewer when the dev split is smaller)."""
+    lang: Literal["en", "zh"] = "en"
+    """Language of the choice prompt's instruction and answer cue."""
+    samples: int = 5
+    """Predictions shown side by side in the report."""
+
+
+@dataclass
 class RunConfig:
     stage: Stage = "sft"
     """Training stage: pt, sft, rm, dpo, kto, ppo or grpo."""
@@ -256,3 +276,5 @@ class RunConfig:
     """Decoding settings for chat, the API and prediction."""
     export: ExportConfig = field(default_factory=ExportConfig)
     """Merging and exporting a trained model."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation and prediction (`tuneforge eval`)."""

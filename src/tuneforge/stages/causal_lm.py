@@ -29,16 +29,23 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
     lm = unwrap_causal_lm(model)
     labels = batch["labels"][:, 1:]  # [b, t-1]; position i predicts token i+1
     keep = labels != IGNORE_INDEX
+    metrics: dict[str, float] = {}
     if uses_fused_head(lm):
         hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                   position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
         selected = hidden[:, :-1][keep]  # [n, h]
-        loss_sum = linear_cross_entropy(selected, lm.get_output_embeddings().weight, labels[keep])
+        weight = lm.get_output_embeddings().weight
+        loss_sum = linear_cross_entropy(selected, weight, labels[keep])
+        if not torch.is_grad_enabled():  # evaluation: also count exact next-token hits, chunk by chunk
+            metrics["correct"] = float(sum(
+                ((selected[i:i + 1024] @ weight.T.to(selected.dtype)).argmax(-1) == labels[keep][i:i + 1024]).sum()
+                for i in range(0, selected.shape[0], 1024)))
     else:  # heads with soft-capping or scaling: take the model's own logits
         logits = lm(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                     position_ids=batch.get("position_ids"), use_cache=False).logits[:, :-1]
         loss_sum = nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
-    return LossOutput(loss_sum, keep.sum())
+        metrics["correct"] = float((logits[keep].argmax(-1) == labels[keep]).sum())
+    return LossOutput(loss_sum, keep.sum(), metrics)
 
 
 def uses_fused_head(lm: nn.Module) -> bool:

@@ -37,9 +37,9 @@ class LossModule(nn.Module):
         self.model = model
         self.stage = stage
 
-    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, float]:
         out = self.stage.loss(self.model, batch)
-        return out.loss_sum, out.tokens
+        return out.loss_sum, out.tokens, out.metrics.get("correct", 0.0)
 
 
 @dataclass
@@ -103,7 +103,7 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
                 batch = {k: v.to(acc.device) for k, v in stage.collate(rows).items()}
                 sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(module)
                 with sync, acc.autocast():
-                    loss_sum, _ = module(batch)
+                    loss_sum, _, _ = module(batch)
                     acc.backward(loss_sum * acc.num_processes / max(global_tokens, 1))
                 step_loss += loss_sum.detach().float().cpu()
                 session_tokens += sum(len(r["input_ids"]) for r in rows) * acc.num_processes
@@ -157,19 +157,21 @@ def evaluate(module: nn.Module, stage: Stage, rows: list[dict], batch_size: int,
     """Mean loss over every trained token of the validation rows (sharded across processes), and perplexity."""
     module.eval()
     mine = rows[acc.process_index::acc.num_processes]
-    loss_sum, tokens = torch.zeros(()), torch.zeros(())
+    loss_sum, tokens, correct = torch.zeros(()), torch.zeros(()), torch.zeros(())
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
             for part_rows in split_by_tokens(mine[start:start + batch_size], forward_tokens):
                 batch = {k: v.to(acc.device) for k, v in stage.collate(part_rows).items()}
                 with acc.autocast():
-                    part, count = module(batch)
+                    part, count, hits = module(batch)
                 loss_sum += part.float().cpu()
                 tokens += count.float().cpu()
+                correct += hits
     module.train()
-    total, count = float(_sum(acc, loss_sum)), float(_sum(acc, tokens))
+    total, count, hits = float(_sum(acc, loss_sum)), float(_sum(acc, tokens)), float(_sum(acc, correct))
     loss = total / max(count, 1)
-    return {"eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(min(loss, 50)), 4)}
+    return {"eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(min(loss, 50)), 4),
+            "eval_accuracy": round(hits / max(count, 1), 6)}
 
 
 def _save(run: RunContext, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState,

@@ -1,0 +1,204 @@
+"""`tuneforge eval`: loss, predict and choice modes on one engine; with --compare-base, the base model too."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tuneforge.chat.engine import ChatEngine, load_engine
+from tuneforge.config.schema import RunConfig
+from tuneforge.data.build import build_datasets
+from tuneforge.data.pipeline import load_examples
+from tuneforge.data.types import Conversation
+from tuneforge.errors import DataError
+from tuneforge.evaluate import choice as mc
+from tuneforge.evaluate.metrics import repeats_itself, score
+from tuneforge.io import write_text_atomic
+
+CHOICE_DROP_FLAG = 5.0  # accuracy points
+
+
+def evaluate(cfg: RunConfig, compare_base: bool = False) -> dict[str, Any]:
+    """Run every configured mode for the tuned model (and the base); write results.json and report.md."""
+    engine = load_engine(cfg.model, cfg.data.template, cfg.data.default_system, cfg.data.enable_thinking)
+    out = Path(cfg.eval.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = {"tuned": True, "base": False} if compare_base and engine.has_adapter else \
+        {"model": True}
+    results: dict[str, Any] = {name: {} for name in models}
+    for name, adapter in models.items():
+        for mode in cfg.eval.modes:
+            suffix = "" if name in ("tuned", "model") else f"_{name}"
+            if mode == "loss":
+                results[name]["loss"] = loss_mode(engine, adapter, cfg)
+            elif mode == "predict":
+                results[name]["predict"] = predict_mode(engine, adapter, cfg, out / f"predictions{suffix}.jsonl")
+            else:
+                results[name]["choice"] = choice_mode(engine, adapter, cfg)
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "report.md", report_markdown(results, out, cfg.eval.samples))
+    return results
+
+
+def eval_dataset_names(cfg: RunConfig) -> list[str]:
+    """eval_dataset when given, else the training datasets."""
+    names = cfg.data.eval_dataset or cfg.data.dataset
+    if not names:
+        raise DataError("nothing to evaluate: set data.eval_dataset (or data.dataset)")
+    return names
+
+
+def loss_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig) -> dict[str, float]:
+    """Eval loss, perplexity and token accuracy, masked and computed exactly as training's evaluation."""
+    from contextlib import nullcontext
+
+    from tuneforge.run import forward_tokens, make_accelerator, stage_for
+    from tuneforge.train.loop import LossModule
+    from tuneforge.train.loop import evaluate as eval_rows
+
+    data_cfg = replace(cfg.data, dataset=eval_dataset_names(cfg), eval_dataset=[], val_size=0.0, packing=False)
+    data = build_datasets(data_cfg, cfg.stage, engine.template, cfg.train.seed)
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(data.train["input_ids"], data.train["labels"])]
+    acc, _ = make_accelerator(replace(cfg.train, precision="fp32"))
+    stage = stage_for(cfg.stage, engine.tokenizer.pad_token_id)
+    switch = nullcontext() if adapter or not engine.has_adapter else engine.model.disable_adapter()
+    with switch:
+        metrics = eval_rows(LossModule(engine.model, stage), stage, rows, cfg.eval.batch_size, acc,
+                            forward_tokens(cfg.train))
+    return {"loss": metrics["eval_loss"], "perplexity": metrics["eval_perplexity"],
+            "token_accuracy": metrics["eval_accuracy"], "rows": len(rows)}
+
+
+def predict_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig, path: Path) -> dict[str, Any]:
+    """Generate for every row, appending to predictions.jsonl as it goes (a rerun continues), then score."""
+    examples = [e for name in eval_dataset_names(cfg)
+                for e in load_examples(cfg.data, name, "sft", cfg.train.seed).examples]
+    if not all(isinstance(e, Conversation) for e in examples):
+        raise DataError("predict mode needs conversation rows (sft datasets)")
+    done = read_predictions(path)
+    todo = examples[len(done):]
+    batch = cfg.eval.batch_size
+    with path.open("a", encoding="utf-8") as handle, \
+            tqdm(total=len(examples), initial=len(done), desc=f"predict ({path.name})", unit="row") as bar:
+        for start in range(0, len(todo), batch):
+            part = todo[start:start + batch]
+            gen = cfg.generation
+            outputs = []
+            for system in {e.system for e in part}:  # one system prompt per generate call
+                group = [e for e in part if e.system == system]
+                answers = engine.generate_batch([e.messages[:-1] for e in group],
+                                                replace(gen, system=system or gen.system), adapter)
+                outputs += list(zip(group, answers))
+            for example, answer in sorted(outputs, key=lambda pair: part.index(pair[0])):
+                record = {"origin": example.origin, "prompt": example.messages[-2].content,
+                          "label": example.messages[-1].content, "predict": answer.text,
+                          "finish_reason": answer.finish_reason}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.flush()
+                bar.update(1)
+    return summarize_predictions(read_predictions(path), path)
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """Complete lines of a predictions file (a half-written last line of a crash is dropped and rewritten)."""
+    if not path.exists():
+        return []
+    records, good = [], 0
+    text = path.read_text(encoding="utf-8")
+    for line in text.split("\n"):
+        try:
+            records.append(json.loads(line))
+            good += len(line) + 1
+        except json.JSONDecodeError:
+            break
+    if good < len(text):
+        path.write_text(text[:good], encoding="utf-8")
+    return records
+
+
+def summarize_predictions(records: list[dict[str, Any]], path: Path) -> dict[str, Any]:
+    """Mean BLEU-4 / ROUGE over rows, plus how often answers never stopped or looped."""
+    scores = [score(r["predict"], r["label"]) for r in records]
+    summary: dict[str, Any] = {k: round(statistics.fmean(s[k] for s in scores), 4) if scores else 0.0
+                               for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l")}
+    summary["rows"] = len(records)
+    summary["never_stopped"] = sum(r.get("finish_reason") == "length" for r in records)
+    summary["repetition_loops"] = sum(repeats_itself(r["predict"]) for r in records)
+    summary["file"] = str(path)
+    return summary
+
+
+def choice_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig) -> dict[str, Any]:
+    """Accuracy per subject and overall; the option whose letter is most likely next is the model's answer."""
+    from contextlib import nullcontext
+
+    questions, shots = mc.load_task(mc.task_folder(cfg.eval.task, cfg.eval.task_dir))
+    letters = mc.letter_ids(engine.tokenizer)
+    per_subject: dict[str, list[bool]] = {}
+    switch = nullcontext() if adapter or not engine.has_adapter else engine.model.disable_adapter()
+    with switch:
+        for q in tqdm(questions, desc=f"choice ({cfg.eval.task})", unit="question"):
+            turns, system = mc.build_prompt(q, shots.get(q.subject, []), cfg.eval.n_shot, cfg.eval.lang)
+            logps = mc.score_question(engine.model, engine.prompt_ids(turns, system), letters)
+            per_subject.setdefault(q.subject, []).append(mc.LETTERS[logps.index(max(logps))] == q.answer)
+    total = [hit for hits in per_subject.values() for hit in hits]
+    return {"task": cfg.eval.task, "accuracy": round(100 * sum(total) / len(total), 2), "questions": len(total),
+            "subjects": {s: round(100 * sum(h) / len(h), 2) for s, h in sorted(per_subject.items())}}
+
+
+def report_markdown(results: dict[str, Any], out: Path, samples: int) -> str:
+    """Metric table (with deltas when the base was evaluated), sample predictions side by side, and flags."""
+    names = list(results)
+    lines = ["# Evaluation report", ""]
+    rows = _metric_rows(results)
+    header = "| metric | " + " | ".join(names) + (" | delta |" if len(names) == 2 else " |")
+    lines += [header, "|" + "---|" * (len(names) + 1 + (len(names) == 2))]
+    for metric, values in rows:
+        cells = [f"{values.get(n, float('nan')):.4g}" for n in names]
+        delta = f" | {values[names[0]] - values[names[1]]:+.4g}" if len(names) == 2 else ""
+        lines.append(f"| {metric} | " + " | ".join(cells) + delta + " |")
+    lines += ["", "## Flags", ""] + (flags(results) or ["none"])
+    if "predict" in results[names[0]]:
+        lines += ["", "## Sample predictions", ""]
+        files = {n: read_predictions(Path(results[n]["predict"]["file"])) for n in names}
+        for i in range(min(samples, len(files[names[0]]))):
+            first = files[names[0]][i]
+            lines += [f"**{first['prompt']}** (reference: {first['label']})", ""]
+            lines += [f"- {n}: {files[n][i]['predict']}" for n in names if i < len(files[n])]
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _metric_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    first = next(iter(results.values()))
+    rows = []
+    for mode, metrics in first.items():
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key not in ("rows", "questions"):
+                rows.append((f"{mode} {key}", {n: results[n][mode][key] for n in results}))
+        if mode == "choice":
+            for subject in metrics["subjects"]:
+                rows.append((f"choice {subject}", {n: results[n][mode]["subjects"][subject] for n in results}))
+    return rows
+
+
+def flags(results: dict[str, Any]) -> list[str]:
+    """Plain warnings: choice accuracy dropping more than 5 points, answers that never stop, repetition loops."""
+    out = []
+    if "tuned" in results and "base" in results and "choice" in results["tuned"]:
+        drop = results["base"]["choice"]["accuracy"] - results["tuned"]["choice"]["accuracy"]
+        if drop > CHOICE_DROP_FLAG:
+            out.append(f"- REGRESSION: choice accuracy fell {drop:.1f} points after tuning (forgetting?)")
+    for name, modes in results.items():
+        predict = modes.get("predict")
+        if predict and predict["never_stopped"]:
+            out.append(f"- {name}: {predict['never_stopped']} of {predict['rows']} answers never stopped "
+                       "(hit max_new_tokens)")
+        if predict and predict["repetition_loops"]:
+            out.append(f"- {name}: {predict['repetition_loops']} answers repeat themselves in a loop")
+    return out
