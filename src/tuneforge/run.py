@@ -60,13 +60,24 @@ def train(cfg: RunConfig, plan_only: bool = False) -> Path:
         write_run_files(run_dir, cfg, data, template, plan, acc.num_processes)
     result = fit(model, stage, train_rows, val_rows, cfg.train, context)
     if acc.is_main_process and not result.interrupted:
-        save_final(run_dir, model, tokenizer, template, cfg)
+        final = save_final(run_dir, model, tokenizer, template, cfg)
+        if cfg.eval.after_training:
+            evaluate_final(cfg, run_dir, final)
     if acc.is_main_process and cfg.output.plot_loss:
         plot_loss(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots" / "loss.png")
     acc.wait_for_everyone()
     if result.interrupted:
         raise KeyboardInterrupt
     return run_dir
+
+
+def evaluate_final(cfg: RunConfig, run_dir: Path, final: Path) -> None:
+    """The configured evaluations (e.g. predictions.jsonl) on the weights just saved, into <run>/eval."""
+    from tuneforge.evaluate.run import evaluate
+
+    model = dataclasses.replace(cfg.model, adapter_path=[str(final)]) if final.name == "adapter" else \
+        dataclasses.replace(cfg.model, path=str(final), adapter_path=[])
+    evaluate(dataclasses.replace(cfg, model=model, eval=dataclasses.replace(cfg.eval, dir=str(run_dir / "eval"))))
 
 
 def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tuneforge import __version__
@@ -118,3 +119,13 @@ def test_user_errors_print_one_line_and_no_traceback(capsys):
     assert main(["config", "show", "--no_such_key", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no_such_key" in err and "Traceback" not in err
+
+
+
+@pytest.mark.parametrize(("stage", "datasets"), [
+    ("sft", "identity,alpaca_en_demo,alpaca_zh_demo,sharegpt_demo,glaive_toolcall_en_demo"),
+    ("dpo", "dpo_en_demo,dpo_zh_demo"), ("kto", "kto_en_demo"), ("pt", "c4_demo")])
+def test_bundled_datasets_are_reported_clean(tiny_model_dir, stage, datasets, capsys):
+    assert main(["data", "check", f"model.path={tiny_model_dir}", f"stage={stage}", f"data.dataset={datasets}",
+                 "data.template=qwen", "data.cutoff_len=4096"]) == 0
+    assert "clean: no errors" in capsys.readouterr().out

@@ -103,3 +103,10 @@ def test_missing_benchmark_folder_names_the_fix(tmp_path):
 
     with pytest.raises(DataError, match="built-in tasks: ceval_demo, cmmlu_demo, mmlu_demo"):
         mc.task_folder("mmlu", str(tmp_path))
+
+
+def test_predictions_at_the_end_of_training_when_asked(tmp_path, tiny_model_dir):
+    run = train_tiny_run(tmp_path / "run", tiny_model_dir, "eval.after_training=true", "eval.modes=predict",
+                         "data.eval_dataset=identity", "generation.max_new_tokens=4")
+    records = read_predictions(run / "eval" / "predictions.jsonl")
+    assert len(records) == 8 and (run / "eval" / "report.md").is_file()

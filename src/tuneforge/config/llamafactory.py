@@ -70,7 +70,8 @@ def _not_gc(value: Any) -> Assignments:
 
 
 def _predict(value: Any) -> Assignments:
-    return [("eval.modes", ["predict"])] if _truthy(value) else []
+    """In a training config this asks for predictions at the end of training, as LLaMA-Factory does."""
+    return [("eval.modes", ["predict"]), ("eval.after_training", True)] if _truthy(value) else []
 
 
 def _task(value: Any) -> Assignments:

@@ -256,6 +256,8 @@ class EvalConfig:
     """Language of the choice prompt's instruction and answer cue."""
     samples: int = 5
     """Predictions shown side by side in the report."""
+    after_training: bool = False
+    """Run these evaluations on the final model at the end of `tuneforge train` (into <run>/eval)."""
 
 
 @dataclass

@@ -23,6 +23,18 @@ from tuneforge.io import write_text_atomic
 CHOICE_DROP_FLAG = 5.0  # accuracy points
 
 
+class LocalRuntime:
+    """What the training loop's evaluate() needs from accelerate, for one process in fp32 on the CPU
+    (accelerate keeps process-wide state, which an evaluation after training must not disturb)."""
+
+    process_index, num_processes, device = 0, 1, "cpu"
+
+    def autocast(self) -> Any:
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+
 def evaluate(cfg: RunConfig, compare_base: bool = False) -> dict[str, Any]:
     """Run every configured mode for the tuned model (and the base); write results.json and report.md."""
     engine = load_engine(cfg.model, cfg.data.template, cfg.data.default_system, cfg.data.enable_thinking)
@@ -57,14 +69,14 @@ def loss_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig) -> dict[str, fl
     """Eval loss, perplexity and token accuracy, masked and computed exactly as training's evaluation."""
     from contextlib import nullcontext
 
-    from tuneforge.run import forward_tokens, make_accelerator, stage_for
+    from tuneforge.run import forward_tokens, stage_for
     from tuneforge.train.loop import LossModule
     from tuneforge.train.loop import evaluate as eval_rows
 
     data_cfg = replace(cfg.data, dataset=eval_dataset_names(cfg), eval_dataset=[], val_size=0.0, packing=False)
     data = build_datasets(data_cfg, cfg.stage, engine.template, cfg.train.seed)
     rows = [{"input_ids": i, "labels": lab} for i, lab in zip(data.train["input_ids"], data.train["labels"])]
-    acc, _ = make_accelerator(replace(cfg.train, precision="fp32"))
+    acc = LocalRuntime()
     stage = stage_for(cfg.stage, engine.tokenizer.pad_token_id)
     switch = nullcontext() if adapter or not engine.has_adapter else engine.model.disable_adapter()
     with switch:
