@@ -85,7 +85,7 @@ def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-    from tuneforge.cli.info_cmds import cpu_bf16_supported
+    from tuneforge.devices import cpu_bf16_supported
 
     cuda = torch.cuda.is_available()
     precision = train_cfg.precision

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tuneforge import __version__
+from tuneforge.devices import cpu_bf16_supported
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers", "gguf",
             "bitsandbytes", "gradio", "fastapi", "deepspeed", "modelscope")
@@ -60,16 +61,6 @@ def cmd_env(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any
         table.add_row("cuda", "not available")
     Console().print(table)
     return 0
-
-
-def cpu_bf16_supported() -> bool:
-    """Whether this CPU has native bf16 matmul support (AVX512-BF16 / AMX)."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def cmd_config_show(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any]) -> int:
