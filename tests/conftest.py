@@ -52,6 +52,17 @@ def dataset_dir(tmp_path) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """accelerate keeps process-wide state; each test starts from a clean one."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own tokenized-data cache so results never leak between tests."""
     monkeypatch.setenv("TUNEFORGE_DATA_CACHE", str(tmp_path / "cache"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -96,6 +97,13 @@ def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
         raise ConfigError("train.precision=fp16 needs a GPU; on CPU use bf16 (or fp32)")
     from datetime import timedelta
 
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps process-wide state; a second run in the same process (tests, the web UI) may use
+        # another precision, which accelerate refuses unless that state is cleared first.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
     acc = Accelerator(cpu=not cuda, mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train_cfg.ddp_timeout))])
     set_seed(train_cfg.seed)

@@ -8,17 +8,6 @@ import torch
 from tuneforge.config import load
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerator_state():
-    """accelerate keeps process-wide state; each test starts from a clean one."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 @pytest.fixture
 def make_cfg(tmp_path, tiny_model_dir):
     """RunConfig for the tiny model on a slice of the identity set, plus overrides."""
