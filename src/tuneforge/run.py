@@ -20,6 +20,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.finetune import apply_method
 from tuneforge.io import write_text_atomic
 from tuneforge.models.load import load_model, load_tokenizer
+from tuneforge.paths import RUN_INFO
 from tuneforge.stages import STAGES
 from tuneforge.templates import get_template
 from tuneforge.templates.base import Template
@@ -30,8 +31,6 @@ from tuneforge.train.manifest import write_manifest
 from tuneforge.train.plan import Plan, make_plan, plan_dict, print_plan
 from tuneforge.train.plot import plot_loss
 from tuneforge.train.tracking import read_metrics
-
-RUN_INFO = "tuneforge_run.json"  # beside final weights: base model, template, method (chat and export read it)
 
 
 def train(cfg: RunConfig, plan_only: bool = False) -> Path:

@@ -17,10 +17,10 @@ from tuneforge.config.schema import GenerationConfig, ModelConfig
 from tuneforge.data.types import Message
 from tuneforge.errors import ModelError
 from tuneforge.models.load import load_model, load_tokenizer
+from tuneforge.paths import RUN_INFO
 from tuneforge.templates import get_template
 from tuneforge.templates.base import Template
 
-RUN_INFO = "tuneforge_run.json"
 BASE = False  # pass as `adapter` to answer with the base model
 
 
@@ -93,7 +93,7 @@ class ChatEngine:
 
         def work() -> None:
             try:
-                with self.lock, self._adapter(adapter), torch.no_grad():
+                with self.lock, self.adapter_context(adapter), torch.no_grad():
                     if gen.seed is not None:
                         torch.manual_seed(gen.seed)
                     outcome["ids"] = self.model.generate(**kwargs, streamer=streamer)[0, len(ids):]
@@ -124,7 +124,7 @@ class ChatEngine:
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
         kwargs = self._generate_kwargs(prompts[0], gen)
         kwargs.update(input_ids=input_ids, attention_mask=mask)
-        with self.lock, self._adapter(adapter), torch.no_grad():
+        with self.lock, self.adapter_context(adapter), torch.no_grad():
             if gen.seed is not None:
                 torch.manual_seed(gen.seed)
             out = self.model.generate(**kwargs)[:, longest:]
@@ -166,7 +166,8 @@ class ChatEngine:
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
-    def _adapter(self, adapter: bool | str) -> Any:
+    def adapter_context(self, adapter: bool | str) -> Any:
+        """Select an adapter by name (True: the last loaded) or switch adapters off (False) for what follows."""
         if not self.adapters:
             if isinstance(adapter, str):
                 raise ModelError(f"no adapter named '{adapter}' is loaded")

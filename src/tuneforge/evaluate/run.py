@@ -67,8 +67,6 @@ def eval_dataset_names(cfg: RunConfig) -> list[str]:
 
 def loss_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig) -> dict[str, float]:
     """Eval loss, perplexity and token accuracy, masked and computed exactly as training's evaluation."""
-    from contextlib import nullcontext
-
     from tuneforge.run import forward_tokens, stage_for
     from tuneforge.train.loop import LossModule
     from tuneforge.train.loop import evaluate as eval_rows
@@ -78,8 +76,7 @@ def loss_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig) -> dict[str, fl
     rows = [{"input_ids": i, "labels": lab} for i, lab in zip(data.train["input_ids"], data.train["labels"])]
     acc = LocalRuntime()
     stage = stage_for(cfg.stage, engine.tokenizer.pad_token_id)
-    switch = nullcontext() if adapter or not engine.has_adapter else engine.model.disable_adapter()
-    with switch:
+    with engine.adapter_context(adapter):
         metrics = eval_rows(LossModule(engine.model, stage), stage, rows, cfg.eval.batch_size, acc,
                             forward_tokens(cfg.train))
     return {"loss": metrics["eval_loss"], "perplexity": metrics["eval_perplexity"],
@@ -147,13 +144,10 @@ def summarize_predictions(records: list[dict[str, Any]], path: Path) -> dict[str
 
 def choice_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig) -> dict[str, Any]:
     """Accuracy per subject and overall; the option whose letter is most likely next is the model's answer."""
-    from contextlib import nullcontext
-
     questions, shots = mc.load_task(mc.task_folder(cfg.eval.task, cfg.eval.task_dir))
     letters = mc.letter_ids(engine.tokenizer)
     per_subject: dict[str, list[bool]] = {}
-    switch = nullcontext() if adapter or not engine.has_adapter else engine.model.disable_adapter()
-    with switch:
+    with engine.adapter_context(adapter):
         for q in tqdm(questions, desc=f"choice ({cfg.eval.task})", unit="question"):
             turns, system = mc.build_prompt(q, shots.get(q.subject, []), cfg.eval.n_shot, cfg.eval.lang)
             logps = mc.score_question(engine.model, engine.prompt_ids(turns, system), letters)

@@ -17,6 +17,7 @@ from tuneforge.data.types import Message
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.io import write_text_atomic
 from tuneforge.models.load import DTYPES
+from tuneforge.paths import RUN_INFO
 
 PROMPTS = ["Who are you?", "你是谁？", "What is 2 + 2?", "Write one sentence about the sea.",
            "List three colours."]
@@ -111,7 +112,7 @@ def save_merged(model: Any, engine: Any, folder: Path, dtype: str, cfg: RunConfi
     engine.tokenizer.save_pretrained(folder)
     info = {"exported_from": cfg.model.path, "adapters": cfg.model.adapter_path, "template": engine.template.name,
             "default_system": engine.default_system, "stop_words": engine.template.stop_words, "dtype": dtype}
-    write_text_atomic(folder / "tuneforge_run.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(folder / RUN_INFO, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     model.to(torch.float32)
 
 
