@@ -98,7 +98,16 @@ def split_extra(rest: list[str]) -> tuple[list[str], dict[str, Any]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
-    from tuneforge.cli import api_cmd, chat_cmd, data_cmds, eval_cmd, export_cmd, info_cmds, train_cmd
+    from tuneforge.cli import (
+        api_cmd,
+        chat_cmd,
+        data_cmds,
+        eval_cmd,
+        export_cmd,
+        info_cmds,
+        train_cmd,
+        webui_cmd,
+    )
 
     parser = argparse.ArgumentParser(
         prog="tuneforge", description="Fine-tune large language models end to end.",
@@ -113,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     api_cmd.register(sub)
     export_cmd.register(sub)
     eval_cmd.register(sub)
+    webui_cmd.register(sub)
     return parser
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from tuneforge.data.encode import IGNORE_INDEX
+from tuneforge.data.encode import IGNORE_INDEX, trained_spans
 
 OPEN, CLOSE = "«", "»"
 LEGEND = f"legend: {OPEN}trained text{CLOSE}; everything else is context the loss ignores"
@@ -23,18 +23,6 @@ def print_pairs(pairs: list[tuple[str, str]], console: Console | None = None) ->
     (console or Console()).print(LEGEND, style="dim")
 
 
-def spans(input_ids: list[int], labels: list[int]) -> list[tuple[bool, list[int]]]:
-    """Runs of consecutive tokens that are all trained or all masked."""
-    runs: list[tuple[bool, list[int]]] = []
-    for token, label in zip(input_ids, labels):
-        trained = label != IGNORE_INDEX
-        if runs and runs[-1][0] == trained:
-            runs[-1][1].append(token)
-        else:
-            runs.append((trained, [token]))
-    return runs
-
-
 def print_encoded(row: dict[str, Any], tokenizer: Any, console: Console) -> None:
     """Decode one encoded row, marking trained tokens."""
     keys = [("input_ids", "labels")] if "input_ids" in row else \
@@ -46,7 +34,7 @@ def print_encoded(row: dict[str, Any], tokenizer: Any, console: Console) -> None
                 f"{trained} trained, {row.get('status', 'ok')}]"
         console.print(title, style="bold cyan", markup=False)
         out = Text()
-        for is_trained, tokens in spans(ids, labels):
+        for is_trained, tokens in trained_spans(ids, labels):
             text = tokenizer.decode(tokens)
             out.append(OPEN + text + CLOSE if is_trained else text, style="bold green" if is_trained else None)
         console.print(out)

@@ -1,6 +1,6 @@
 """Typed config: sections, YAML + overrides, the LLaMA-Factory dialect, validation."""
 
-from tuneforge.config.load import dump, load
+from tuneforge.config.load import dump, load, load_tree
 from tuneforge.config.schema import (
     DataConfig,
     FinetuneConfig,
@@ -10,4 +10,4 @@ from tuneforge.config.schema import (
     TrainConfig,
 )
 
-__all__ = ["load", "dump", "RunConfig", "ModelConfig", "FinetuneConfig", "DataConfig", "TrainConfig", "OutputConfig"]
+__all__ = ["load", "load_tree", "dump", "RunConfig", "ModelConfig", "FinetuneConfig", "DataConfig", "TrainConfig", "OutputConfig"]

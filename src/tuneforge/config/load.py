@@ -21,8 +21,14 @@ SECTIONS = ("stage", "model", "finetune", "data", "train", "output", "generation
 def load(path: str | Path | None, overrides: list[str] = (), lf_flags: dict[str, Any] | None = None) -> RunConfig:
     """Resolve a config file plus `key=value` overrides and `--lf_key value` flags into a validated RunConfig."""
     source = str(path) if path else "<overrides>"
-    tree: dict[str, Any] = {}
     raw = read_yaml(Path(path)) if path else {}  # its messages already name the file
+    return load_tree(raw, source, overrides, lf_flags)
+
+
+def load_tree(raw: dict[str, Any], source: str, overrides: list[str] = (),
+              lf_flags: dict[str, Any] | None = None) -> RunConfig:
+    """Build a validated RunConfig from an already parsed mapping (a YAML file's content, or the web UI's form)."""
+    tree: dict[str, Any] = {}
     try:
         _merge_top(tree, raw, source)
         for key, value in (lf_flags or {}).items():

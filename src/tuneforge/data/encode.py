@@ -97,3 +97,15 @@ def pack_blocks(rows: list[list[int]], block: int) -> list[list[int]]:
     """Concatenate pre-training ids and cut them into blocks of `block` tokens (the last may be shorter)."""
     flat = [token for row in rows for token in row]
     return [flat[i:i + block] for i in range(0, len(flat), block)]
+
+
+def trained_spans(input_ids: list[int], labels: list[int]) -> list[tuple[bool, list[int]]]:
+    """Runs of consecutive tokens that are all trained or all masked (for previews that mark trained text)."""
+    runs: list[tuple[bool, list[int]]] = []
+    for token, label in zip(input_ids, labels):
+        trained = label != IGNORE_INDEX
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(token)
+        else:
+            runs.append((trained, [token]))
+    return runs

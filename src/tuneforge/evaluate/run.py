@@ -161,7 +161,7 @@ def report_markdown(results: dict[str, Any], out: Path, samples: int) -> str:
     """Metric table (with deltas when the base was evaluated), sample predictions side by side, and flags."""
     names = list(results)
     lines = ["# Evaluation report", ""]
-    rows = _metric_rows(results)
+    rows = metric_rows(results)
     header = "| metric | " + " | ".join(names) + (" | delta |" if len(names) == 2 else " |")
     lines += [header, "|" + "---|" * (len(names) + 1 + (len(names) == 2))]
     for metric, values in rows:
@@ -180,7 +180,8 @@ def report_markdown(results: dict[str, Any], out: Path, samples: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _metric_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+def metric_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """(metric name, value per evaluated model) for every numeric result, choice subjects included."""
     first = next(iter(results.values()))
     rows = []
     for mode, metrics in first.items():

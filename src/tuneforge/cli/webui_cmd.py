@@ -1,0 +1,33 @@
+"""`tuneforge webui [--root DIR] [--host H] [--port P] [--share] [--lang en|zh]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    """Add the webui command."""
+    p = sub.add_parser("webui", help="the web UI: train, evaluate, chat and export by clicking (zh/en)")
+    p.add_argument("--root", default=".", help="working folder; the UI reads and writes only its data/, runs/, "
+                   "configs/, exports/ and models/ (default: the current folder)")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="address to bind (default 127.0.0.1, or GRADIO_SERVER_NAME)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                   help="port (default 7860, or GRADIO_SERVER_PORT)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio share link")
+    p.add_argument("--lang", choices=["en", "zh"], default="en", help="starting language (switchable in the page)")
+    p.set_defaults(handler=cmd_webui)
+
+
+def cmd_webui(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any]) -> int:
+    """Serve the board until interrupted."""
+    from tuneforge.deps import require
+
+    require("gradio", "webui")
+    from tuneforge.webui.app import serve
+
+    serve(Path(args.root), args.host, args.port, args.share, args.lang)
+    return 0

@@ -1,0 +1,159 @@
+"""What the web UI's buttons do, as plain functions over form values (unit-tested without a browser)."""
+
+from __future__ import annotations
+
+import html
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneforge.config import RunConfig, load_tree
+from tuneforge.webui.form import build_config, config_tree
+from tuneforge.webui.workspace import Workspace
+
+PAGE_SIZE = 5
+PLAN_TIMEOUT_S = 600
+
+
+@dataclass
+class DataPreview:
+    """One page of raw rows and of the same rows encoded, with the number of pages."""
+
+    raw: list[dict[str, Any]]
+    encoded_html: str
+    page: int
+    pages: int
+    summary: str
+
+
+def dataset_names(ws: Workspace, dataset_dir: str | None) -> list[str]:
+    """Datasets the catalog knows: built-ins plus the dataset folder's dataset_info.json."""
+    from tuneforge.data.catalog import load_catalog
+
+    folder = ws.inside(dataset_dir, ws.data_dir, "dataset folder") if dataset_dir else ws.data_dir
+    return sorted(load_catalog(folder))
+
+
+def preview_data(values: dict[str, Any], ws: Workspace, page: int) -> DataPreview:
+    """Raw rows and encoded rows (trained text marked) of the chosen datasets, one page at a time."""
+    from tuneforge.data.build import build_datasets
+    from tuneforge.data.catalog import get_spec, load_catalog
+    from tuneforge.data.readers import read_rows
+    from tuneforge.errors import DataError
+
+    cfg = build_config(values, ws)
+    if not cfg.data.dataset:
+        raise DataError("choose at least one dataset to preview")
+    catalog = load_catalog(cfg.data.dataset_dir, cfg.data.inline)
+    raw = [r for name in cfg.data.dataset for r in read_rows(get_spec(catalog, name, cfg.data.dataset_dir))]
+    template = _template(cfg)
+    encoded = build_datasets(cfg.data, cfg.stage, template, cfg.train.seed)
+    pages = max(1, -(-max(len(raw), len(encoded.train)) // PAGE_SIZE))
+    page = min(max(1, int(page or 1)), pages)
+    lo, hi = (page - 1) * PAGE_SIZE, page * PAGE_SIZE
+    rows = encoded.train.select(range(min(lo, len(encoded.train)), min(hi, len(encoded.train))))
+    report = encoded.report
+    summary = (f"{len(raw)} raw rows, {len(encoded.train)} encoded training rows | template {template.name} | "
+               f"truncated {len(report.truncated)} | dropped {len(report.dropped)}")
+    return DataPreview([{"origin": r.origin, **r.data} for r in raw[lo:hi]],
+                       "".join(encoded_html(row, template.tokenizer) for row in rows), page, pages, summary)
+
+
+def encoded_html(row: dict[str, Any], tokenizer: Any) -> str:
+    """One encoded row as HTML: trained text in <mark class="trained">, masked context plain."""
+    from tuneforge.data.encode import IGNORE_INDEX, trained_spans
+
+    keys = [("input_ids", "labels")] if "input_ids" in row else \
+        [("chosen_input_ids", "chosen_labels"), ("rejected_input_ids", "rejected_labels")]
+    parts = []
+    for ids_key, labels_key in keys:
+        ids, labels = row[ids_key], row[labels_key]
+        trained = sum(1 for t in labels if t != IGNORE_INDEX)
+        head = f"{row.get('origin', '')} [{ids_key.split('_')[0] if len(keys) > 1 else 'row'}: {len(ids)} tokens, " \
+               f"{trained} trained]"
+        body = "".join(f'<mark class="trained">{html.escape(tokenizer.decode(t))}</mark>' if is_trained
+                       else html.escape(tokenizer.decode(t)) for is_trained, t in trained_spans(ids, labels))
+        parts.append(f'<div class="tf-row"><div class="tf-row-head">{html.escape(head)}</div>'
+                     f'<pre class="tf-row-text">{body}</pre></div>')
+    return "".join(parts)
+
+
+def plan(argv: list[str], cwd: Path) -> str:
+    """`tuneforge train CONFIG --plan` in a child process: its printed plan, or its error message."""
+    from tuneforge.webui.runner import error_line
+
+    done = subprocess.run([*argv, "--plan"], cwd=cwd, capture_output=True, text=True, timeout=PLAN_TIMEOUT_S,
+                          stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        return "error: " + error_line(done.stdout + "\n" + done.stderr)
+    return done.stdout.strip()
+
+
+def _template(cfg: RunConfig) -> Any:
+    from tuneforge.models.load import load_tokenizer
+    from tuneforge.templates import get_template
+
+    return get_template(cfg.data.template, load_tokenizer(cfg.model), cfg.data.default_system,
+                        cfg.data.enable_thinking)
+
+
+def top_tree(values: dict[str, Any], ws: Workspace) -> dict[str, Any]:
+    """The config sections the top bar sets (model, method, adapters, template) and the dataset folder."""
+    keep = {k: values.get(k) for k in ("model", "hub", "method", "adapters", "template", "dataset_dir")}
+    tree = config_tree(keep, ws)
+    tree.pop("finetune", None)  # what was trained is fixed by the adapter; eval and export only read it
+    return tree
+
+
+def evaluate(values: dict[str, Any], ev: dict[str, Any], ws: Workspace) -> tuple[list[list[Any]], list[str], Path]:
+    """Run `tuneforge eval` in-process for the top bar's model: metric rows, written files, the results folder."""
+    from tuneforge.evaluate.run import evaluate as run_evaluate
+    from tuneforge.evaluate.run import metric_rows
+
+    tree = top_tree(values, ws)
+    out = ws.inside(ev.get("eval_dir") or "runs/eval", ws.runs_dir, "results folder")
+    tree.setdefault("data", {}).update({k: v for k, v in {
+        "eval_dataset": list(ev.get("eval_dataset") or []), "cutoff_len": ev.get("eval_cutoff_len"),
+        "max_samples": ev.get("eval_max_samples") or None}.items() if v})
+    tree["eval"] = {"modes": list(ev.get("eval_modes") or ["loss"]), "dir": str(out),
+                    "batch_size": ev.get("eval_batch") or 4, "task": ev.get("eval_task") or "mmlu_demo"}
+    tree["generation"] = {"max_new_tokens": ev.get("eval_max_new_tokens") or 128,
+                          "temperature": ev.get("eval_temperature") or 0.0, "top_p": ev.get("eval_top_p") or 1.0}
+    cfg = load_tree(tree, "web UI evaluate tab")
+    results = run_evaluate(cfg, compare_base=bool(ev.get("compare_base")) and bool(cfg.model.adapter_path))
+    names = list(results)
+    table = [[metric, *[round(v.get(n, float("nan")), 4) for n in names]] for metric, v in metric_rows(results)]
+    files = [str(p) for p in sorted(out.iterdir()) if p.suffix in (".jsonl", ".md", ".json")]
+    return [["metric", *names], *table], files, out
+
+
+def export(values: dict[str, Any], ex: dict[str, Any], ws: Workspace) -> tuple[Any, list[list[Any]]]:
+    """Run `tuneforge export` in-process for the top bar's model and adapter: the report and its check rows."""
+    from tuneforge.export.merge import export as run_export
+
+    tree = top_tree(values, ws)
+    folder = ws.inside(ex.get("export_dir") or "exports/latest", ws.exports_dir, "export folder")
+    tree["export"] = {"dir": str(folder), "size": ex.get("export_size") or 5.0,
+                      "dtype": ex.get("export_dtype") or "auto", "modelfile": bool(ex.get("modelfile")),
+                      "gguf": list(ex.get("gguf") or []), "verify": bool(ex.get("verify")),
+                      "overwrite": bool(ex.get("export_overwrite"))}
+    report = run_export(load_tree(tree, "web UI export tab"))
+    rows = [[c.artifact, f"{c.max_abs_diff:.3g}", f"{c.greedy_agreement:.0%}", c.tolerance,
+             "pass" if c.passed else "FAIL"] for c in report.checks]
+    return report, rows
+
+
+def check_dataset_files(cfg: RunConfig) -> None:
+    """Before a launch: every chosen dataset is registered and its local file or folder exists."""
+    from tuneforge.data.catalog import get_spec, load_catalog
+    from tuneforge.errors import DataError
+
+    if not cfg.data.dataset:
+        raise DataError("choose at least one dataset (Train tab: Datasets)")
+    catalog = load_catalog(cfg.data.dataset_dir, cfg.data.inline)
+    for name in cfg.data.dataset:
+        spec = get_spec(catalog, name, cfg.data.dataset_dir)
+        if spec.source == "file" and not Path(spec.location).exists():
+            raise DataError(f"dataset '{name}': file not found: {spec.location}. Check file_name in "
+                            f"{spec.defined_in or 'dataset_info.json'} or put the file there")

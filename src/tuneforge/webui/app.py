@@ -1,0 +1,154 @@
+"""`tuneforge webui`: the board. Builds the gradio page (top bar and four tabs) over a Workspace."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tuneforge.errors import TuneforgeError
+from tuneforge.webui.chat import ChatSession
+from tuneforge.webui.i18n import LANGUAGES, message, text
+from tuneforge.webui.runner import TrainJob
+from tuneforge.webui.workspace import Workspace
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page must not call out to the internet
+
+CSS = """
+mark.trained { background: #c8f7c5; color: #0b5d1e; }
+.tf-row { margin-bottom: 0.8em; } .tf-row-head { font-weight: 600; color: #1e5aa8; }
+.tf-row-text { white-space: pre-wrap; margin: 0.2em 0; }
+#tf-progress-bar { width: 100%; height: 14px; background: #e5e7eb; border-radius: 7px; overflow: hidden; }
+#tf-progress-fill { height: 100%; background: #f97316; transition: width 0.5s; }
+"""
+LANGUAGE_NAMES = {"en": "English", "zh": "中文"}
+
+
+class Board:
+    """The page's components by key, the strings they show, and the state behind them (one job, one chat)."""
+
+    def __init__(self, ws: Workspace, lang: str = "en") -> None:
+        self.ws, self.lang = ws, lang
+        self.fields: dict[str, Any] = {}
+        self.translated: list[tuple[Any, str, str]] = []  # (component, string key, attribute it shows)
+        self.job: TrainJob | None = None
+        self.chat = ChatSession()
+
+    def t(self, key: str) -> str:
+        """The string in the page's starting language."""
+        return text(key, self.lang)
+
+    def field(self, key: str, factory: Callable[..., Any], label: str | None = None, **kwargs: Any) -> Any:
+        """An input or output component with a translated label, reachable as fields[key] and #tf-key."""
+        component = factory(label=self.t(label or key), elem_id=f"tf-{key}", **kwargs)
+        self.translated.append((component, label or key, "label"))
+        self.fields[key] = component
+        return component
+
+    def button(self, key: str, **kwargs: Any) -> Any:
+        """A button whose caption is translated."""
+        import gradio as gr
+
+        component = gr.Button(self.t(key), elem_id=f"tf-{key}", **kwargs)
+        self.translated.append((component, key, "value"))
+        return component
+
+    def block(self, factory: Callable[..., Any], key: str, **kwargs: Any) -> Any:
+        """A tab or accordion with a translated title."""
+        component = factory(label=self.t(key), elem_id=f"tf-{key}", **kwargs)
+        self.translated.append((component, key, "label"))
+        return component
+
+    def values(self, keys: list[str], args: tuple[Any, ...]) -> dict[str, Any]:
+        """The handler's positional arguments by UI key."""
+        return dict(zip(keys, args))
+
+    def inputs(self, keys: list[str]) -> list[Any]:
+        """Components for the keys, in order."""
+        return [self.fields[k] for k in keys]
+
+    def relabel(self, lang: str) -> list[Any]:
+        """Updates that show every translated string in `lang`."""
+        import gradio as gr
+
+        self.lang = lang
+        return [gr.update(**{attr: text(key, lang)}) for _, key, attr in self.translated]
+
+    def say(self, key: str, **fields: Any) -> str:
+        """A run-time message in the current language."""
+        return message(key, self.lang, **fields)
+
+    def error(self, err: Exception) -> str:
+        """A user error as one line in the current language."""
+        return message("error", self.lang, error=str(err))
+
+
+TOP_KEYS = ["model", "hub", "method", "adapters", "template"]
+
+
+def create_app(ws: Workspace, lang: str = "en") -> tuple[Any, Board]:
+    """Build the page; returns the gradio Blocks and the Board behind it (tests call the Board's handlers)."""
+    import gradio as gr
+
+    from tuneforge.webui import tabs_train, tabs_use
+
+    board = Board(ws, lang)
+    with gr.Blocks(title="tuneforge board") as demo:
+        title = gr.Markdown(f"## {board.t('title')}", elem_id="tf-title")
+        board.translated.append((title, "title", "value"))
+        lang_box = gr.Dropdown(choices=[(LANGUAGE_NAMES[c], c) for c in LANGUAGES], value=lang,
+                               label=board.t("lang"), elem_id="tf-lang")
+        board.translated.append((lang_box, "lang", "label"))
+        top_bar(board)
+        on_load, views = tabs_train.build(board)
+        tabs_use.build_eval(board)
+        tabs_use.build_chat(board)
+        tabs_use.build_export(board)
+        translated = [c for c, _, _ in board.translated]
+        lang_box.change(board.relabel, inputs=lang_box, outputs=translated)
+        demo.load(on_load, outputs=views)
+    return demo, board
+
+
+def top_bar(board: Board) -> None:
+    """Language, model, hub, method, adapters (with refresh), template."""
+    import gradio as gr
+
+    from tuneforge.models.embedded import ALIAS
+    from tuneforge.templates import template_names
+    from tuneforge.webui.form import METHODS
+
+    ws = board.ws
+    with gr.Row():
+        board.field("model", gr.Dropdown, choices=[ALIAS, *ws.local_models()], value=ALIAS,
+                    allow_custom_value=True, scale=3)
+        board.field("hub", gr.Dropdown, choices=["auto", "huggingface", "modelscope"], value="auto", scale=1)
+        board.field("method", gr.Dropdown, choices=list(METHODS), value="lora", scale=1)
+        board.field("template", gr.Dropdown, choices=template_names(), value="auto", scale=1)
+    with gr.Row():
+        adapters = board.field("adapters", gr.Dropdown, choices=ws.adapters(), value=[], multiselect=True,
+                               allow_custom_value=True, scale=4)
+        refresh = board.button("refresh_adapters", scale=1)
+    refresh.click(lambda: gr.update(choices=ws.adapters()), outputs=adapters)
+
+
+def guarded(board: Board, fn: Callable[..., Any], fallback: Callable[[str], Any]) -> Callable[..., Any]:
+    """Run a handler; a user error becomes `fallback(message)` shown in the page, never a traceback."""
+
+    def run(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except TuneforgeError as err:
+            return fallback(board.error(err))
+
+    return run
+
+
+def serve(root: Path, host: str, port: int, share: bool, lang: str) -> None:
+    """Build the board over `root` and serve it until interrupted."""
+    ws = Workspace.at(root)
+    demo, _ = create_app(ws, lang)
+    print(f"tuneforge board on http://{host}:{port} (working folder {ws.root})")
+    demo.queue().launch(server_name=host, server_port=port, share=share, css=CSS, allowed_paths=[str(ws.root)],
+                        footer_links=[], show_error=True)

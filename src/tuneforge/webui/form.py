@@ -1,0 +1,172 @@
+"""The web UI's form <-> config: field values by UI key become the YAML tree `tuneforge train` reads, and back."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tuneforge.config import RunConfig, load, load_tree
+from tuneforge.webui.workspace import Workspace
+
+METHODS = ("lora", "qlora-4bit", "qlora-8bit", "freeze", "full")
+PACKING = {"auto": None, "true": True, "false": False}  # auto: on for pt, off for sft
+
+# UI key -> dotted config path, for fields whose value passes through unchanged (None or "" means default).
+SIMPLE: dict[str, str] = {
+    "hub": "model.hub",
+    "template": "data.template",
+    "stage": "stage",
+    "learning_rate": "train.learning_rate",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "cutoff_len": "data.cutoff_len",
+    "max_samples": "data.max_samples",
+    "batch_size": "train.batch_size",
+    "grad_accum": "train.gradient_accumulation_steps",
+    "scheduler": "train.scheduler",
+    "warmup_ratio": "train.warmup_ratio",
+    "precision": "train.precision",
+    "max_grad_norm": "train.max_grad_norm",
+    "val_size": "data.val_size",
+    "logging_steps": "train.logging_steps",
+    "save_steps": "train.save_steps",
+    "seed": "train.seed",
+    "report_to": "train.report_to",
+    "overwrite": "output.overwrite",
+    "identity_name": "data.identity.name",
+    "identity_author": "data.identity.author",
+}
+LORA = {"lora_rank": "finetune.lora.rank", "lora_dropout": "finetune.lora.dropout",
+        "rslora": "finetune.lora.rslora", "dora": "finetune.lora.dora", "pissa": "finetune.lora.pissa_init"}
+QUANT = {"quant_type": "model.quantization_type", "double_quant": "model.double_quantization"}
+FREEZE = {"freeze_layers": "finetune.freeze.trainable_layers"}
+
+
+@dataclass
+class Command:
+    """What Start runs: the YAML written into the config folder and the argv (no shell)."""
+
+    yaml_text: str
+    config_path: Path
+    argv: list[str]
+
+    def shown(self) -> str:
+        """The command line and the YAML, as the Preview command button shows them."""
+        line = " ".join(["tuneforge", *self.argv[3:]])
+        return f"# {line}\n# (written to {self.config_path})\n{self.yaml_text}"
+
+
+def config_tree(values: dict[str, Any], ws: Workspace) -> dict[str, Any]:
+    """The nested config mapping for the form's values; paths are checked against the working folders."""
+    tree: dict[str, Any] = {}
+    method = values.get("method") or "lora"
+    _put(tree, "model.path", ws.model_path(values.get("model") or "smollm2-135m-instruct"))
+    _put(tree, "finetune.method", "lora" if method.startswith("qlora") else method)
+    chosen = dict(SIMPLE)
+    if method.startswith("qlora"):
+        _put(tree, "model.quantization_bit", int(method[len("qlora-")]))
+        chosen.update(QUANT)
+    if method in ("lora", "qlora-4bit", "qlora-8bit"):
+        chosen.update(LORA)
+        _put(tree, "finetune.lora.alpha", values.get("lora_alpha") or None)
+        _put(tree, "finetune.lora.targets", _names(values.get("lora_targets")))
+    if method == "freeze":
+        chosen.update(FREEZE)
+        _put(tree, "finetune.freeze.trainable_modules", _names(values.get("freeze_modules")))
+    for key, dotted in chosen.items():
+        _put(tree, dotted, values.get(key))
+    _put(tree, "data.packing", PACKING.get(values.get("packing") or "auto"))
+    adapters = [str(ws.inside(a, ws.runs_dir, "adapter")) for a in values.get("adapters") or []]
+    _put(tree, "model.adapter_path", adapters or None)
+    if values.get("dataset_dir"):
+        _put(tree, "data.dataset_dir", str(ws.inside(values["dataset_dir"], ws.data_dir, "dataset folder")))
+    _put(tree, "data.dataset", list(values.get("dataset") or []) or None)
+    if values.get("output_dir"):
+        _put(tree, "output.dir", str(ws.inside(values["output_dir"], ws.runs_dir, "output folder")))
+    if values.get("resume"):
+        _put(tree, "train.resume_from_checkpoint", "auto")
+    return tree
+
+
+def build_config(values: dict[str, Any], ws: Workspace) -> RunConfig:
+    """The validated RunConfig the form describes (the same path `tuneforge train` takes)."""
+    return load_tree(config_tree(values, ws), "web UI form")
+
+
+def train_command(values: dict[str, Any], ws: Workspace) -> Command:
+    """Validate the form and describe the exact YAML and `tuneforge train` command Start runs."""
+    tree = config_tree(values, ws)
+    load_tree(tree, "web UI form")  # refuse a bad setting before anything is written
+    name = Path(tree["output"]["dir"]).name if "output" in tree and "dir" in tree["output"] else "latest"
+    path = ws.config_dir / f"{name}.yaml"
+    text = yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
+    return Command(text, path, [sys.executable, "-m", "tuneforge", "train", str(path)])
+
+
+def save_args(values: dict[str, Any], ws: Workspace, file_name: str) -> Path:
+    """Write the form as YAML into the config folder."""
+    from tuneforge.io import write_text_atomic
+
+    path = ws.inside(ws.config_dir / _yaml_name(file_name), ws.config_dir, "args file")
+    tree = config_tree(values, ws)
+    load_tree(tree, "web UI form")
+    write_text_atomic(path, yaml.safe_dump(tree, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def load_args(ws: Workspace, file_name: str) -> dict[str, Any]:
+    """Read a YAML (ours or LLaMA-Factory's) from the config folder into form values by UI key."""
+    path = ws.inside(ws.config_dir / _yaml_name(file_name), ws.config_dir, "args file")
+    return form_values(load(path), ws)
+
+
+def form_values(cfg: RunConfig, ws: Workspace) -> dict[str, Any]:
+    """Form values by UI key for a config (the inverse of config_tree for the fields the form has)."""
+    values = {key: _get(cfg, dotted) for key, dotted in {**SIMPLE, **LORA, **QUANT, **FREEZE}.items()}
+    bits = cfg.model.quantization_bit
+    values["method"] = f"qlora-{bits}bit" if bits else cfg.finetune.method
+    values["model"] = _shown(cfg.model.path, ws)
+    values["adapters"] = [_shown(a, ws) for a in cfg.model.adapter_path]
+    values["lora_alpha"] = cfg.finetune.lora.alpha or 0
+    values["lora_targets"] = ", ".join(cfg.finetune.lora.targets)
+    values["freeze_modules"] = ", ".join(cfg.finetune.freeze.trainable_modules)
+    values["dataset_dir"] = _shown(cfg.data.dataset_dir, ws)
+    values["dataset"] = list(cfg.data.dataset)
+    values["output_dir"] = _shown(cfg.output.dir, ws)
+    values["resume"] = cfg.train.resume_from_checkpoint is not None
+    values["packing"] = {None: "auto", True: "true", False: "false"}[cfg.data.packing]
+    return values
+
+
+def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    if value is None or value == "":
+        return
+    *parents, last = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[last] = value
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _names(text: str | None) -> list[str] | None:
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    return names or None
+
+
+def _shown(path: str, ws: Workspace) -> str:
+    resolved = Path(path)
+    return ws.relative(resolved) if resolved.is_absolute() else path
+
+
+def _yaml_name(name: str) -> str:
+    name = (name or "").strip() or "args"
+    return name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"

@@ -1,0 +1,132 @@
+"""Training as a child process (no shell): the UI survives a crash, reads progress from the run folder, and
+shows the child's own error message when it fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ABORT_GRACE_S = 30  # SIGINT lets the run save a checkpoint; after this it is killed
+LOG_TAIL_LINES = 40
+
+
+@dataclass
+class JobStatus:
+    """What the Train tab shows: state, progress, the loss curve, the log tail and the error (if any)."""
+
+    state: str  # idle | starting | running | finished | failed | aborted
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    eta: float | None = None
+    losses: list[dict[str, Any]] = field(default_factory=list)
+    log_tail: str = ""
+    error: str = ""
+    run_dir: str = ""
+
+
+class TrainJob:
+    """One `tuneforge train CONFIG` child process writing to a log file beside its config."""
+
+    def __init__(self, argv: list[str], cwd: Path, run_dir: Path, log_path: Path) -> None:
+        self.run_dir, self.log_path = run_dir, log_path
+        self.aborted = False
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="1")
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def abort(self) -> None:
+        """Ask the run to stop (it checkpoints and exits 130); kill it if it does not within the grace time."""
+        if not self.running:
+            return
+        self.aborted = True
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(ABORT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def status(self) -> JobStatus:
+        """The current state read from the process, metrics.jsonl, manifest.json and the log."""
+        code = self.process.poll()
+        metrics = [m for m in read_metrics_so_far(self.run_dir / "metrics.jsonl") if "loss" in m]
+        tail = log_tail(self.log_path)
+        status = JobStatus("running" if metrics else "starting", run_dir=str(self.run_dir), log_tail=tail,
+                           losses=[{"step": m["step"], "loss": m["loss"]} for m in metrics])
+        status.total = planned_steps(self.run_dir)
+        if metrics:
+            status.step, status.loss, status.eta = metrics[-1]["step"], metrics[-1]["loss"], metrics[-1].get("eta")
+        if code is None:
+            return status
+        if code == 0:
+            status.state, status.step, status.eta = "finished", status.total or status.step, 0.0
+        elif self.aborted or code == 130:
+            status.state = "aborted"
+        else:
+            status.state, status.error = "failed", error_line(tail) or f"the training process exited with {code}"
+        return status
+
+
+def read_metrics_so_far(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a metrics.jsonl that is still being written (a half-written last line is skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def planned_steps(run_dir: Path) -> int:
+    """Total optimizer steps from the run's manifest (written once the plan is made), or 0 before that."""
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        return 0
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["data"]["plan"]["total_steps"])
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of the log, with progress-bar redraws (carriage returns) collapsed to their last state."""
+    if not path.is_file():
+        return ""
+    text = path.read_bytes()[-64_000:].decode("utf-8", errors="replace")
+    shown = [line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n")]
+    return "\n".join(line for line in shown[-lines:] if line.strip())
+
+
+def error_line(tail: str) -> str:
+    """The child's own message: the `error: ...` line tuneforge prints, or the last line of a traceback."""
+    lines = [line for line in tail.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line[len("error: "):]
+    return lines[-1] if lines else ""
+
+
+def wait_for(job: TrainJob, states: tuple[str, ...], timeout: float) -> JobStatus:
+    """Poll until the job reaches one of `states` (for tests and scripts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = job.status()
+        if status.state in states or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)

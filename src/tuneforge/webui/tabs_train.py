@@ -1,0 +1,284 @@
+"""The Train tab: data and preview, hyperparameters, method panels, and the run with live progress."""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+from tuneforge.io import write_text_atomic
+from tuneforge.train.plan import format_seconds
+from tuneforge.webui import actions
+from tuneforge.webui.form import build_config, load_args, save_args, train_command
+from tuneforge.webui.runner import JobStatus, TrainJob
+
+TERMINAL = ("finished", "failed", "aborted")
+TRAIN_KEYS = ["stage", "dataset_dir", "dataset", "identity_name", "identity_author", "learning_rate", "epochs",
+              "max_steps", "cutoff_len", "max_samples", "batch_size", "grad_accum", "scheduler", "warmup_ratio",
+              "precision", "max_grad_norm", "val_size", "packing", "logging_steps", "save_steps", "seed",
+              "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "rslora", "dora", "pissa", "freeze_layers",
+              "freeze_modules", "quant_type", "double_quant", "report_to", "output_dir", "overwrite", "resume"]
+
+
+def default_output_dir() -> str:
+    """A fresh run folder name per start: runs/train_YYYYmmdd-HHMMSS."""
+    return time.strftime("runs/train_%Y%m%d-%H%M%S")
+
+
+def build(board: Any) -> tuple[Any, list[Any]]:
+    """Lay out the tab and wire its buttons; returns the page-load handler (shows a run already in progress)
+    and its outputs."""
+    import gradio as gr
+
+    from tuneforge.stages import STAGES
+
+    with board.block(gr.Tab, "tab_train"):
+        with gr.Row():
+            board.field("stage", gr.Dropdown, choices=STAGES.names(), value="sft", scale=1)
+            board.field("dataset_dir", gr.Textbox, value="data", scale=1)
+            board.field("dataset", gr.Dropdown, choices=actions.dataset_names(board.ws, None), value=[],
+                        multiselect=True, allow_custom_value=True, scale=3)
+            refresh_data = board.button("refresh_datasets", scale=1)
+        with gr.Row():
+            board.field("identity_name", gr.Textbox, value="tuneforge")
+            board.field("identity_author", gr.Textbox, value="the tuneforge team")
+        with board.block(gr.Accordion, "preview_data", open=False):
+            with gr.Row():
+                board.field("page", gr.Number, value=1, precision=0, minimum=1, scale=1)
+                preview = board.button("preview_data", scale=1)
+            summary = gr.Markdown(elem_id="tf-preview-summary")
+            with gr.Row():
+                raw = board.field("raw_rows", gr.JSON)
+                encoded = board.field("encoded_rows", gr.HTML)
+        _hyperparameters(board)
+        _method_panels(board)
+        with gr.Row():
+            board.field("report_to", gr.CheckboxGroup, choices=["tensorboard", "wandb", "swanlab", "mlflow"],
+                        value=[], scale=2)
+            board.field("output_dir", gr.Textbox, value=default_output_dir, scale=2)
+            board.field("overwrite", gr.Checkbox, value=False, scale=1)
+            board.field("resume", gr.Checkbox, value=False, scale=1)
+        with gr.Row():
+            preview_cmd = board.button("preview_cmd")
+            board.field("args_file", gr.Textbox, value="my_args.yaml", scale=1)
+            save = board.button("save_args")
+            load = board.button("load_args")
+            plan = board.button("plan")
+            start = board.button("start", variant="primary")
+            abort = board.button("abort", variant="stop")
+        progress = board.field("progress", gr.HTML, value=progress_html(JobStatus("idle"), board))
+        status = board.field("status", gr.Textbox, value=board.say("idle"), interactive=False)
+        with gr.Row():
+            log = board.field("log", gr.Textbox, lines=14, max_lines=14, interactive=False, autoscroll=True)
+            plot = board.field("loss_plot", gr.LinePlot, x="step", y="loss", value=loss_frame([]))
+        with gr.Row():
+            command = board.field("command", gr.Code, language="yaml", interactive=False)
+            plan_out = board.field("plan_output", gr.Textbox, lines=12, interactive=False)
+        timer = gr.Timer(1.0, active=False)
+    keys = ["model", "hub", "method", "adapters", "template", *TRAIN_KEYS]
+    form = board.inputs(keys)
+    handlers = TrainHandlers(board, keys)
+    refresh_data.click(handlers.refresh_datasets, inputs=board.fields["dataset_dir"],
+                       outputs=board.fields["dataset"])
+    preview.click(handlers.preview, inputs=[*form, board.fields["page"]],
+                  outputs=[raw, encoded, summary, board.fields["page"]])
+    preview_cmd.click(handlers.command, inputs=form, outputs=command)
+    save.click(handlers.save, inputs=[*form, board.fields["args_file"]], outputs=status)
+    load.click(handlers.load, inputs=board.fields["args_file"], outputs=[*form, status])
+    plan.click(handlers.plan, inputs=form, outputs=plan_out)
+    views = [progress, status, log, plot, timer]
+    start.click(handlers.start, inputs=form, outputs=[*views, command])
+    abort.click(handlers.abort, outputs=views)
+    timer.tick(handlers.poll, outputs=views)
+    return handlers.poll, views
+
+
+class TrainHandlers:
+    """The Train tab's event handlers over the board (form values arrive positionally, in `keys` order)."""
+
+    def __init__(self, board: Any, keys: list[str]) -> None:
+        self.board, self.keys = board, keys
+
+    def refresh_datasets(self, dataset_dir: str) -> Any:
+        """Re-read the dataset folder's dataset_info.json."""
+        import gradio as gr
+
+        try:
+            return gr.update(choices=actions.dataset_names(self.board.ws, dataset_dir))
+        except Exception as err:  # noqa: BLE001 - a bad folder is reported, the dropdown stays as it was
+            gr.Warning(self.board.error(err))
+            return gr.update()
+
+    def preview(self, *args: Any) -> tuple[Any, str, str, int]:
+        """One page of raw and encoded rows."""
+        from tuneforge.errors import TuneforgeError
+
+        values, page = self.board.values(self.keys, args[:-1]), args[-1]
+        try:
+            shown = actions.preview_data(values, self.board.ws, page)
+        except TuneforgeError as err:
+            return [], "", self.board.error(err), page
+        return shown.raw, shown.encoded_html, f"{shown.summary} | page {shown.page} / {shown.pages}", shown.page
+
+    def command(self, *args: Any) -> str:
+        """The exact YAML and command Start would run."""
+        from tuneforge.errors import TuneforgeError
+
+        try:
+            return train_command(self.board.values(self.keys, args), self.board.ws).shown()
+        except TuneforgeError as err:
+            return f"# {self.board.error(err)}"
+
+    def save(self, *args: Any) -> str:
+        """Write the form as YAML into the config folder."""
+        from tuneforge.errors import TuneforgeError
+
+        try:
+            path = save_args(self.board.values(self.keys, args[:-1]), self.board.ws, args[-1])
+        except TuneforgeError as err:
+            return self.board.error(err)
+        return self.board.say("saved", path=self.board.ws.relative(path))
+
+    def load(self, file_name: str) -> list[Any]:
+        """Fill the form from a YAML in the config folder."""
+        import gradio as gr
+
+        from tuneforge.errors import TuneforgeError
+
+        try:
+            values = load_args(self.board.ws, file_name)
+        except TuneforgeError as err:
+            return [gr.update() for _ in self.keys] + [self.board.error(err)]
+        updates = [gr.update(value=values[k]) if k in values else gr.update() for k in self.keys]
+        return updates + [self.board.say("loaded", path=file_name)]
+
+    def plan(self, *args: Any) -> str:
+        """The plan (steps, memory, time) from a child `tuneforge train --plan`."""
+        from tuneforge.errors import TuneforgeError
+
+        try:
+            command = train_command(self.board.values(self.keys, args), self.board.ws)
+        except TuneforgeError as err:
+            return self.board.error(err)
+        write_text_atomic(command.config_path, command.yaml_text)
+        return actions.plan(command.argv, self.board.ws.root)
+
+    def start(self, *args: Any) -> list[Any]:
+        """Write the YAML, launch the child process, and start polling."""
+        import gradio as gr
+
+        from tuneforge.errors import TuneforgeError
+        from tuneforge.run import prepare_run_dir
+
+        board = self.board
+        if board.job is not None and board.job.running:
+            return [gr.update(), board.say("busy"), gr.update(), gr.update(), gr.Timer(active=True), gr.update()]
+        try:
+            values = board.values(self.keys, args)
+            command = train_command(values, board.ws)
+            cfg = build_config(values, board.ws)
+            actions.check_dataset_files(cfg)
+            run_dir = prepare_run_dir(cfg.output, cfg.train, plan_only=False, main=True)
+        except TuneforgeError as err:
+            failed = JobStatus("failed", error=str(err))
+            return [progress_html(failed, board), board.say("failed", error=str(err)), "", loss_frame([]),
+                    gr.Timer(active=False), gr.update()]
+        write_text_atomic(command.config_path, command.yaml_text)
+        board.job = TrainJob(command.argv, board.ws.root, run_dir, run_dir / "train.log")
+        return [*self.views(board.job.status()), command.shown()]
+
+    def abort(self) -> list[Any]:
+        """Stop the run (checkpoint first) and show the final state."""
+        job = self.board.job
+        if job is None:
+            return self.views(JobStatus("idle"))
+        job.abort()
+        return self.views(job.status())
+
+    def poll(self) -> list[Any]:
+        """Progress, status, log tail and loss curve of the current job; stops the timer once it ends."""
+        return self.views(self.board.job.status() if self.board.job else JobStatus("idle"))
+
+    def views(self, status: JobStatus) -> list[Any]:
+        """The five outputs the tab shows for a job status."""
+        import gradio as gr
+
+        return [progress_html(status, self.board), status_line(status, self.board), status.log_tail,
+                loss_frame(status.losses), gr.Timer(active=status.state not in TERMINAL + ("idle",))]
+
+
+def status_line(status: JobStatus, board: Any) -> str:
+    """One sentence for the status box."""
+    if status.state == "running":
+        eta = format_seconds(status.eta) if status.eta is not None else "?"
+        return board.say("running", step=status.step, total=status.total or "?", loss=f"{status.loss:.4f}", eta=eta)
+    if status.state == "finished":
+        return board.say("finished", folder=board.ws.relative(board.ws.resolve(status.run_dir)))
+    if status.state == "failed":
+        return board.say("failed", error=status.error)
+    return board.say(status.state if status.state in ("starting", "aborted") else "idle")
+
+
+def progress_html(status: JobStatus, board: Any) -> str:
+    """A progress bar with step count and ETA; data attributes let tests read the state."""
+    share = 100 * status.step / status.total if status.total else (100 if status.state == "finished" else 0)
+    eta = format_seconds(status.eta) if status.eta is not None and status.state == "running" else ""
+    label = f"{status.step} / {status.total or '?'}" + (f" · ETA {eta}" if eta else "") + f" · {status.state}"
+    return (f'<div id="tf-progress-state" data-state="{status.state}" data-step="{status.step}" '
+            f'data-total="{status.total}"><div id="tf-progress-bar"><div id="tf-progress-fill" '
+            f'style="width:{share:.1f}%"></div></div><span>{html.escape(label)}</span></div>')
+
+
+def loss_frame(losses: list[dict[str, Any]]) -> Any:
+    """The loss curve as the table gr.LinePlot draws."""
+    import pandas as pd
+
+    return pd.DataFrame(losses or [], columns=["step", "loss"])
+
+
+def _hyperparameters(board: Any) -> None:
+    import gradio as gr
+
+    with board.block(gr.Accordion, "hyperparams", open=True):
+        with gr.Row():
+            board.field("learning_rate", gr.Number, value=1e-4)
+            board.field("epochs", gr.Number, value=3.0)
+            board.field("max_steps", gr.Number, value=-1, precision=0)
+            board.field("cutoff_len", gr.Number, value=1024, precision=0)
+            board.field("max_samples", gr.Number, value=100000, precision=0)
+            board.field("val_size", gr.Number, value=0.0, minimum=0)
+        with gr.Row():
+            board.field("batch_size", gr.Number, value=1, precision=0, minimum=1)
+            board.field("grad_accum", gr.Number, value=8, precision=0, minimum=1)
+            board.field("scheduler", gr.Dropdown, value="cosine",
+                        choices=["cosine", "linear", "constant", "constant_with_warmup", "polynomial"])
+            board.field("warmup_ratio", gr.Slider, minimum=0, maximum=0.5, value=0.0, step=0.01)
+            board.field("precision", gr.Dropdown, choices=["auto", "bf16", "fp16", "fp32"], value="auto")
+            board.field("max_grad_norm", gr.Number, value=1.0)
+        with gr.Row():
+            board.field("packing", gr.Dropdown, choices=["auto", "true", "false"], value="auto")
+            board.field("logging_steps", gr.Number, value=5, precision=0, minimum=1)
+            board.field("save_steps", gr.Number, value=100, precision=0, minimum=0)
+            board.field("seed", gr.Number, value=42, precision=0)
+
+
+def _method_panels(board: Any) -> None:
+    import gradio as gr
+
+    with board.block(gr.Accordion, "lora_panel", open=False):
+        with gr.Row():
+            board.field("lora_rank", gr.Number, value=8, precision=0, minimum=1)
+            board.field("lora_alpha", gr.Number, value=0, precision=0, minimum=0)
+            board.field("lora_dropout", gr.Number, value=0.0, minimum=0)
+            board.field("lora_targets", gr.Textbox, value="all")
+            board.field("rslora", gr.Checkbox, value=False)
+            board.field("dora", gr.Checkbox, value=False)
+            board.field("pissa", gr.Checkbox, value=False)
+    with board.block(gr.Accordion, "freeze_panel", open=False):
+        with gr.Row():
+            board.field("freeze_layers", gr.Number, value=2, precision=0)
+            board.field("freeze_modules", gr.Textbox, value="all")
+    with board.block(gr.Accordion, "quant_panel", open=False):
+        with gr.Row():
+            board.field("quant_type", gr.Dropdown, choices=["nf4", "fp4"], value="nf4")
+            board.field("double_quant", gr.Checkbox, value=True)

@@ -1,0 +1,150 @@
+"""The Evaluate & Predict, Chat and Export tabs: each acts on the top bar's model and adapters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneforge.errors import TuneforgeError
+from tuneforge.webui import actions
+from tuneforge.webui.chat import generation, respond
+
+TOP = ["model", "hub", "method", "adapters", "template", "dataset_dir"]
+EVAL_KEYS = ["eval_dataset", "eval_modes", "eval_task", "eval_cutoff_len", "eval_max_samples", "eval_batch",
+             "eval_max_new_tokens", "eval_temperature", "eval_top_p", "eval_dir", "compare_base"]
+EXPORT_KEYS = ["export_dir", "export_size", "export_dtype", "modelfile", "gguf", "verify", "export_overwrite"]
+
+
+def build_eval(board: Any) -> None:
+    """Dataset, modes, limits and generation settings; the metric table and the written files."""
+    import gradio as gr
+
+    with board.block(gr.Tab, "tab_eval"):
+        with gr.Row():
+            board.field("eval_dataset", gr.Dropdown, choices=actions.dataset_names(board.ws, None), value=[],
+                        multiselect=True, allow_custom_value=True, scale=3)
+            board.field("eval_modes", gr.CheckboxGroup, choices=["loss", "predict", "choice"], value=["loss"],
+                        scale=2)
+            board.field("eval_task", gr.Dropdown, choices=["mmlu_demo", "ceval_demo", "cmmlu_demo"],
+                        value="mmlu_demo", allow_custom_value=True, scale=1)
+        with gr.Row():
+            board.field("eval_cutoff_len", gr.Number, "cutoff_len", value=1024, precision=0)
+            board.field("eval_max_samples", gr.Number, "max_samples", value=100, precision=0)
+            board.field("eval_batch", gr.Number, value=4, precision=0)
+            board.field("eval_max_new_tokens", gr.Number, "max_new_tokens", value=128, precision=0)
+            board.field("eval_temperature", gr.Slider, "temperature", minimum=0, maximum=1.5, value=0, step=0.05)
+            board.field("eval_top_p", gr.Slider, "top_p", minimum=0.05, maximum=1, value=1, step=0.05)
+        with gr.Row():
+            board.field("eval_dir", gr.Textbox, value="runs/eval", scale=3)
+            board.field("compare_base", gr.Checkbox, value=False, scale=1)
+            run = board.button("run_eval", variant="primary", scale=1)
+        note = gr.Markdown(elem_id="tf-eval-status")
+        table = board.field("metrics", gr.Dataframe, interactive=False)
+        files = board.field("result_files", gr.File, file_count="multiple", interactive=False)
+
+    keys = TOP + EVAL_KEYS
+
+    def on_run(*args: Any) -> tuple[Any, Any, str]:
+        values = board.values(keys, args)
+        try:
+            rows, written, folder = actions.evaluate(values, values, board.ws)
+        except TuneforgeError as err:
+            return None, None, board.error(err)
+        return _frame(rows), written, board.say("eval_done", folder=board.ws.relative(folder))
+
+    run.click(on_run, inputs=board.inputs(keys), outputs=[table, files, note])
+
+
+def _frame(rows: list[list[Any]]) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(rows[1:], columns=rows[0])
+
+
+def build_chat(board: Any) -> None:
+    """Load/unload, system prompt, decoding settings, streaming chat, and base-vs-tuned compare mode."""
+    import gradio as gr
+
+    with board.block(gr.Tab, "tab_chat"):
+        with gr.Row():
+            load = board.button("load_model", variant="primary")
+            unload = board.button("unload_model")
+            state = board.field("model_status", gr.Textbox, value=board.say("model_unloaded"), interactive=False,
+                                scale=3)
+        with gr.Row():
+            system = board.field("system_prompt", gr.Textbox, scale=3)
+            temperature = board.field("temperature", gr.Slider, minimum=0, maximum=1.5, value=0, step=0.05)
+            top_p = board.field("top_p", gr.Slider, minimum=0.05, maximum=1, value=1, step=0.05)
+            max_new = board.field("max_new_tokens", gr.Slider, minimum=8, maximum=2048, value=256, step=8)
+            compare = board.field("compare", gr.Checkbox, value=False)
+        with gr.Row():
+            tuned = board.field("chat_tuned", gr.Chatbot, height=360)
+            base = board.field("chat_base", gr.Chatbot, height=360, visible=False)
+        with gr.Row():
+            box = board.field("message", gr.Textbox, scale=5)
+            send = board.button("send", variant="primary", scale=1)
+            clear = board.button("clear", scale=1)
+
+    keys = TOP
+
+    def on_load(*args: Any) -> str:
+        try:
+            description = board.chat.load(board.values(keys, args), board.ws)
+        except TuneforgeError as err:
+            return board.error(err)
+        return board.say("model_loaded", model=description)
+
+    def on_unload() -> str:
+        board.chat.unload()
+        return board.say("model_unloaded")
+
+    def on_send(message: str, tuned_history: list, base_history: list, system_prompt: str, temp: float,
+                p: float, new_tokens: int, side_by_side: bool) -> Any:
+        if board.chat.engine is None:
+            yield tuned_history, base_history, message, board.say("load_first")
+            return
+        gen = generation(system_prompt, temp, p, new_tokens)
+        for tuned_now, base_now in respond(board.chat, message, tuned_history or [], base_history or [], gen,
+                                           side_by_side):
+            yield tuned_now, base_now, "", gr.update()
+
+    load.click(on_load, inputs=board.inputs(keys), outputs=state)
+    unload.click(on_unload, outputs=state)
+    chat_inputs = [box, tuned, base, system, temperature, top_p, max_new, compare]
+    send.click(on_send, inputs=chat_inputs, outputs=[tuned, base, box, state])
+    box.submit(on_send, inputs=chat_inputs, outputs=[tuned, base, box, state])
+    clear.click(lambda: ([], []), outputs=[tuned, base])
+    compare.change(lambda on: gr.update(visible=on), inputs=compare, outputs=base)
+
+
+def build_export(board: Any) -> None:
+    """Folder, shard size, dtype, Modelfile and GGUF toggles, verification; the result table."""
+    import gradio as gr
+
+    with board.block(gr.Tab, "tab_export"):
+        with gr.Row():
+            board.field("export_dir", gr.Textbox, value="exports/latest", scale=3)
+            board.field("export_size", gr.Number, value=5.0, minimum=0.01)
+            board.field("export_dtype", gr.Dropdown, choices=["auto", "fp32", "bf16", "fp16"], value="auto")
+        with gr.Row():
+            board.field("modelfile", gr.Checkbox, value=True)
+            board.field("gguf", gr.CheckboxGroup, choices=["f16", "bf16", "q8_0"], value=[])
+            board.field("verify", gr.Checkbox, value=True)
+            board.field("export_overwrite", gr.Checkbox, value=False)
+            run = board.button("run_export", variant="primary")
+        result = board.field("export_result", gr.Markdown)
+        checks = gr.Dataframe(headers=["artifact", "max |logit diff|", "greedy agreement", "tolerance", "result"],
+                              interactive=False, elem_id="tf-export-checks")
+
+    keys = TOP + EXPORT_KEYS
+
+    def on_run(*args: Any) -> tuple[str, Any]:
+        try:
+            report, rows = actions.export(board.values(keys, args), board.values(keys, args), board.ws)
+        except TuneforgeError as err:
+            return board.error(err), None
+        folder = board.ws.relative(report.folder.resolve())
+        key = "export_unverified" if not report.checks else "export_passed" if report.passed else "export_failed"
+        lines = [board.say(key, folder=folder), "", "files: " + ", ".join(f"`{f}`" for f in report.files)]
+        return "\n".join(lines), rows or None
+
+    run.click(on_run, inputs=board.inputs(keys), outputs=[result, checks])
