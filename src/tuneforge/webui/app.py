@@ -56,7 +56,7 @@ class Board:
 
     def block(self, factory: Callable[..., Any], key: str, **kwargs: Any) -> Any:
         """A tab or accordion with a translated title."""
-        component = factory(label=self.t(key), elem_id=f"tf-{key}", **kwargs)
+        component = factory(label=self.t(key), elem_id=f"tf-{key}-panel", **kwargs)
         self.translated.append((component, key, "label"))
         return component
 
@@ -150,5 +150,11 @@ def serve(root: Path, host: str, port: int, share: bool, lang: str) -> None:
     ws = Workspace.at(root)
     demo, _ = create_app(ws, lang)
     print(f"tuneforge board on http://{host}:{port} (working folder {ws.root})")
-    demo.queue().launch(server_name=host, server_port=port, share=share, css=CSS, allowed_paths=[str(ws.root)],
-                        footer_links=[], show_error=True)
+    launch(demo, ws, host, port, share, block=True)
+
+
+def launch(demo: Any, ws: Workspace, host: str, port: int, share: bool = False, block: bool = False) -> Any:
+    """Start serving; with block=False it returns at once (tests drive the page from a browser)."""
+    return demo.queue().launch(server_name=host, server_port=port, share=share, css=CSS, quiet=not block,
+                               allowed_paths=[str(ws.root)], footer_links=[], show_error=True,
+                               prevent_thread_lock=not block)
