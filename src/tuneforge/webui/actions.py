@@ -18,7 +18,7 @@ PLAN_TIMEOUT_S = 600
 
 @dataclass
 class DataPreview:
-    """One page of raw rows and of the same rows encoded, with the number of pages."""
+    """One page of encoded rows and the raw rows they came from, with the number of pages."""
 
     raw: list[dict[str, Any]]
     encoded_html: str
@@ -36,7 +36,7 @@ def dataset_names(ws: Workspace, dataset_dir: str | None) -> list[str]:
 
 
 def preview_data(values: dict[str, Any], ws: Workspace, page: int) -> DataPreview:
-    """Raw rows and encoded rows (trained text marked) of the chosen datasets, one page at a time."""
+    """One page of encoded training rows (trained text marked) beside the raw rows they came from."""
     from tuneforge.data.build import build_datasets
     from tuneforge.data.catalog import get_spec, load_catalog
     from tuneforge.data.readers import read_rows
@@ -49,14 +49,16 @@ def preview_data(values: dict[str, Any], ws: Workspace, page: int) -> DataPrevie
     raw = [r for name in cfg.data.dataset for r in read_rows(get_spec(catalog, name, cfg.data.dataset_dir))]
     template = _template(cfg)
     encoded = build_datasets(cfg.data, cfg.stage, template, cfg.train.seed)
-    pages = max(1, -(-max(len(raw), len(encoded.train)) // PAGE_SIZE))
+    pages = max(1, -(-len(encoded.train) // PAGE_SIZE))
     page = min(max(1, int(page or 1)), pages)
-    lo, hi = (page - 1) * PAGE_SIZE, page * PAGE_SIZE
-    rows = encoded.train.select(range(min(lo, len(encoded.train)), min(hi, len(encoded.train))))
+    lo, hi = (page - 1) * PAGE_SIZE, min(page * PAGE_SIZE, len(encoded.train))
+    rows = encoded.train.select(range(lo, hi))
+    by_origin = {r.origin: r for r in raw}
+    sources = [by_origin[row["origin"]] for row in rows if row.get("origin") in by_origin] or raw[lo:hi]
     report = encoded.report
     summary = (f"{len(raw)} raw rows, {len(encoded.train)} encoded training rows | template {template.name} | "
                f"truncated {len(report.truncated)} | dropped {len(report.dropped)}")
-    return DataPreview([{"origin": r.origin, **r.data} for r in raw[lo:hi]],
+    return DataPreview([{"origin": r.origin, **r.data} for r in sources],
                        "".join(encoded_html(row, template.tokenizer) for row in rows), page, pages, summary)
 
 

@@ -95,10 +95,11 @@ def create_app(ws: Workspace, lang: str = "en") -> tuple[Any, Board]:
 
     board = Board(ws, lang)
     with gr.Blocks(title="tuneforge board") as demo:
-        title = gr.Markdown(f"## {board.t('title')}", elem_id="tf-title")
+        with gr.Row(equal_height=True):
+            title = gr.Markdown(f"## {board.t('title')}", elem_id="tf-title")
+            lang_box = gr.Dropdown(choices=[(LANGUAGE_NAMES[c], c) for c in LANGUAGES], value=lang,
+                                   label=board.t("lang"), elem_id="tf-lang", scale=0, min_width=160)
         board.translated.append((title, "title", "value"))
-        lang_box = gr.Dropdown(choices=[(LANGUAGE_NAMES[c], c) for c in LANGUAGES], value=lang,
-                               label=board.t("lang"), elem_id="tf-lang")
         board.translated.append((lang_box, "lang", "label"))
         top_bar(board)
         on_load, views = tabs_train.build(board)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from tuneforge.config import load_tree
@@ -32,7 +33,8 @@ class ChatSession:
             self.engine = None  # free the old weights before loading new ones
             self.engine = load_engine(cfg.model, cfg.data.template)
             adapters = ", ".join(self.engine.adapters) or "-"
-            self.description = f"{cfg.model.path} | adapters: {adapters} | template {self.engine.template.name}"
+            model = ws.relative(Path(cfg.model.path)) if Path(cfg.model.path).is_absolute() else cfg.model.path
+            self.description = f"{model} | adapters: {adapters} | template {self.engine.template.name}"
         return self.description
 
     def unload(self) -> None:

@@ -1,0 +1,395 @@
+"""The board built in-process: strings, paths, form <-> config, the training child process, and the handlers."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.webui.conftest import tiny_values
+from tuneforge.errors import ConfigError, DataError
+from tuneforge.webui.workspace import PathRefused
+
+
+@pytest.fixture
+def board(workspace):
+    from tuneforge.webui.app import create_app
+
+    demo, board = create_app(workspace)
+    return board
+
+
+# -- language ------------------------------------------------------------------------------------------------
+
+def test_every_string_has_both_languages():
+    from tuneforge.webui.i18n import MESSAGES, STRINGS
+
+    for key, (en, zh) in {**STRINGS, **MESSAGES}.items():
+        assert en.strip() and zh.strip(), key
+        assert en.count("{") == zh.count("{"), f"{key}: the two languages fill different fields"
+    cjk = [k for k, (_, zh) in STRINGS.items() if any("\u4e00" <= ch <= "\u9fff" for ch in zh)]
+    assert len(cjk) >= len(STRINGS) - 4  # only names such as LoRA/DoRA/rsLoRA stay as they are
+
+
+def test_every_labelled_component_is_translated_and_switches_live(workspace):
+    import gradio as gr
+
+    from tuneforge.webui.app import create_app
+    from tuneforge.webui.i18n import text
+
+    demo, board = create_app(workspace)
+    translated = {id(c) for c, _, _ in board.translated}
+    for block in demo.blocks.values():
+        label = getattr(block, "label", None)
+        if isinstance(block, gr.components.Component) and label:
+            assert id(block) in translated, f"untranslated label {label!r}"
+        if isinstance(block, gr.Button):
+            assert id(block) in translated, f"untranslated button {block.value!r}"
+    updates = board.relabel("zh")
+    assert len(updates) == len(board.translated)
+    for (_, key, attr), update in zip(board.translated, updates):
+        assert update[attr] == text(key, "zh")
+    assert board.say("idle") == "就绪。"
+    board.relabel("en")
+    assert board.say("idle") == "Ready."
+
+
+# -- working folders -----------------------------------------------------------------------------------------
+
+def test_paths_outside_the_working_folders_are_refused(workspace):
+    assert workspace.inside("runs/a", workspace.runs_dir, "output folder") == workspace.runs_dir / "a"
+    for bad in ("runs/../../etc", "/etc/passwd", "data/../runs/x"):
+        with pytest.raises(PathRefused, match="outside the web UI's working folder"):
+            workspace.inside(bad, workspace.runs_dir if bad.startswith("runs") or bad.startswith("/") else
+                             workspace.data_dir, "folder")
+    assert workspace.model_path("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert workspace.model_path("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert workspace.model_path("models/tiny") == str(workspace.models_dir / "tiny")
+    with pytest.raises(PathRefused, match="model folder"):
+        workspace.model_path("/etc")
+    assert workspace.local_models() == ["models/tiny"]
+
+
+def test_form_refuses_an_output_folder_outside_runs(workspace):
+    from tuneforge.webui.form import train_command
+
+    with pytest.raises(PathRefused, match="output folder '/tmp/elsewhere'"):
+        train_command(tiny_values(workspace, output_dir="/tmp/elsewhere"), workspace)
+    with pytest.raises(PathRefused, match="dataset folder"):
+        train_command(tiny_values(workspace, dataset_dir="../outside"), workspace)
+
+
+# -- form <-> config -----------------------------------------------------------------------------------------
+
+def test_form_becomes_the_config_train_reads(workspace):
+    from tuneforge.config import load
+    from tuneforge.webui.form import build_config, train_command
+
+    cfg = build_config(tiny_values(workspace), workspace)
+    assert cfg.model.path == str(workspace.models_dir / "tiny")
+    assert cfg.finetune.method == "lora" and cfg.finetune.lora.rank == 4 and cfg.finetune.lora.alpha is None
+    assert cfg.data.dataset == ["identity"] and cfg.data.identity.name == "Orbweaver"
+    assert cfg.train.max_steps == 3 and cfg.train.gradient_accumulation_steps == 2
+    assert cfg.output.dir == str(workspace.runs_dir / "tiny") and cfg.data.packing is None
+    command = train_command(tiny_values(workspace), workspace)
+    assert command.argv == [sys.executable, "-m", "tuneforge", "train", str(workspace.config_dir / "tiny.yaml")]
+    assert command.shown().startswith(f"# tuneforge train {workspace.config_dir / 'tiny.yaml'}")
+    command.config_path.write_text(command.yaml_text, encoding="utf-8")
+    assert load(command.config_path) == cfg  # the YAML shown is exactly what the run reads
+
+
+def test_method_panels_map_to_their_sections(workspace):
+    from tuneforge.webui.form import build_config, config_tree
+
+    qlora = build_config(tiny_values(workspace, method="qlora-4bit", quant_type="fp4", lora_alpha=32,
+                                     lora_targets="q_proj, v_proj"), workspace)
+    assert qlora.model.quantization_bit == 4 and qlora.model.quantization_type == "fp4"
+    assert qlora.finetune.lora.alpha == 32 and qlora.finetune.lora.targets == ["q_proj", "v_proj"]
+    freeze = config_tree(tiny_values(workspace, method="freeze", freeze_layers=-1, freeze_modules="mlp"),
+                         workspace)
+    assert freeze["finetune"] == {"method": "freeze", "freeze": {"trainable_layers": -1,
+                                                                 "trainable_modules": ["mlp"]}}
+    assert "quantization_bit" not in freeze["model"]
+    full = build_config(tiny_values(workspace, method="full", packing="true", resume=True), workspace)
+    assert full.finetune.method == "full" and full.data.packing is True
+    assert full.train.resume_from_checkpoint == "auto"
+
+
+def test_bad_setting_is_one_message(workspace):
+    from tuneforge.webui.form import train_command
+
+    with pytest.raises(ConfigError, match="web UI form: .*scheduler"):
+        train_command(tiny_values(workspace, scheduler="sideways"), workspace)
+
+
+def test_save_and_load_args_round_trip(workspace):
+    from tuneforge.webui.form import load_args, save_args
+
+    values = tiny_values(workspace, method="qlora-8bit", lora_rank=16, report_to=["tensorboard"],
+                         adapters=[], packing="false")
+    path = save_args(values, workspace, "mine")
+    assert path == workspace.config_dir / "mine.yaml"
+    assert yaml.safe_load(path.read_text(encoding="utf-8"))["model"]["quantization_bit"] == 8
+    loaded = load_args(workspace, "mine.yaml")
+    for key in ("model", "method", "lora_rank", "report_to", "dataset", "output_dir", "packing", "max_steps",
+                "identity_name", "learning_rate"):
+        assert loaded[key] == values[key], key
+    with pytest.raises(PathRefused):
+        load_args(workspace, "../../etc/hosts")
+
+
+def test_load_args_reads_a_llamafactory_yaml(workspace):
+    from tuneforge.webui.form import load_args
+
+    (workspace.config_dir / "lf.yaml").write_text(
+        "model_name_or_path: smollm2-135m-instruct\nstage: sft\nfinetuning_type: lora\nlora_rank: 16\n"
+        "dataset: identity\ntemplate: chatml\ncutoff_len: 256\nlearning_rate: 2.0e-4\n"
+        "output_dir: runs/lf\n", encoding="utf-8")
+    values = load_args(workspace, "lf")
+    assert values["lora_rank"] == 16 and values["dataset"] == ["identity"] and values["template"] == "chatml"
+    assert values["learning_rate"] == 2e-4 and values["cutoff_len"] == 256
+
+
+# -- the training child process ------------------------------------------------------------------------------
+
+def test_log_tail_and_error_line(tmp_path):
+    from tuneforge.webui.runner import error_line, log_tail
+
+    log = tmp_path / "train.log"
+    log.write_bytes(b"plan\ntrain: 10%\rtrain: 50%\rtrain: 90%\nerror: dataset 'x': file not found: a.json\n")
+    assert log_tail(log) == "plan\ntrain: 90%\nerror: dataset 'x': file not found: a.json"
+    assert error_line(log_tail(log)) == "dataset 'x': file not found: a.json"
+    assert error_line("Traceback (most recent call last):\n  ...\nRuntimeError: boom") == "RuntimeError: boom"
+
+
+def _fake_run(tmp_path, body: str):
+    from tuneforge.webui.runner import TrainJob
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    script = ("import json, sys, time, pathlib\nrun = pathlib.Path(sys.argv[1])\n"
+              "(run / 'manifest.json').write_text(json.dumps({'data': {'plan': {'total_steps': 3}}}))\n" + body)
+    return TrainJob([sys.executable, "-c", script, str(run_dir)], tmp_path, run_dir, run_dir / "train.log")
+
+
+def test_job_reports_progress_losses_and_finish(tmp_path):
+    from tuneforge.webui.runner import wait_for
+
+    job = _fake_run(tmp_path, "with open(run / 'metrics.jsonl', 'a') as f:\n"
+                              "    for s in (1, 2, 3):\n"
+                              "        f.write(json.dumps({'step': s, 'loss': 3.0 - s, 'eta': 3 - s}) + '\\n')\n"
+                              "        f.flush(); time.sleep(0.3)\n"
+                              "    f.write('{\"step\": 4, \"lo')\n")
+    status = wait_for(job, ("finished", "failed"), 30)
+    assert status.state == "finished" and status.step == 3 and status.total == 3
+    assert [p["loss"] for p in status.losses] == [2.0, 1.0, 0.0]  # the half-written line is skipped
+
+
+def test_job_failure_shows_the_child_message(tmp_path):
+    from tuneforge.webui.runner import wait_for
+
+    job = _fake_run(tmp_path, "print('loading'); print('error: dataset \\'x\\': file not found', file=sys.stderr)"
+                              "; sys.exit(2)")
+    status = wait_for(job, ("finished", "failed"), 30)
+    assert status.state == "failed" and status.error == "dataset 'x': file not found"
+
+
+def test_abort_interrupts_the_child(tmp_path):
+    from tuneforge.webui.runner import wait_for
+
+    job = _fake_run(tmp_path, "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
+    time.sleep(1.0)
+    started = time.monotonic()
+    job.abort()
+    assert time.monotonic() - started < 10
+    assert wait_for(job, ("aborted",), 5).state == "aborted"
+
+
+def test_real_train_child_error_reaches_the_status(workspace):
+    """A setting only the child can reject (a stage that is not built) is shown with tuneforge's message."""
+    from tuneforge.webui.form import train_command
+    from tuneforge.webui.runner import TrainJob, wait_for
+
+    command = train_command(tiny_values(workspace, stage="sft", output_dir="runs/child"), workspace)
+    text = command.yaml_text.replace("stage: sft", "stage: dpo")
+    command.config_path.write_text(text, encoding="utf-8")
+    run_dir = workspace.runs_dir / "child"
+    started = time.monotonic()
+    job = TrainJob(command.argv, workspace.root, run_dir, run_dir / "train.log")
+    status = wait_for(job, ("finished", "failed"), 120)
+    assert status.state == "failed" and "dpo" in status.error, status.log_tail
+    assert "Traceback" not in status.log_tail
+    assert time.monotonic() - started < 60
+
+
+# -- handlers ------------------------------------------------------------------------------------------------
+
+def test_preview_pages_raw_and_encoded_rows(workspace):
+    from tuneforge.webui.actions import PAGE_SIZE, preview_data
+
+    shown = preview_data(tiny_values(workspace, dataset=["mini", "identity"]), workspace, 1)
+    assert shown.pages == -(-(3 + 8) // PAGE_SIZE) and len(shown.raw) == PAGE_SIZE  # max_samples=8 of identity
+    assert shown.encoded_html.count('class="tf-row"') == PAGE_SIZE
+    heads = [h.split("[")[0].strip() for h in shown.encoded_html.split('class="tf-row-head">')[1:]]
+    assert heads == [r["origin"] for r in shown.raw]  # each raw row beside its own encoding
+    last = preview_data(tiny_values(workspace, dataset=["mini"]), workspace, 99)
+    assert last.page == 1 and sorted(r["instruction"] for r in last.raw) == ["Say blue", "Say green", "Say red"]
+    for word in ("red", "green", "blue"):
+        assert f'<mark class="trained">{word} {word}' in last.encoded_html
+    with pytest.raises(DataError, match="choose at least one dataset"):
+        preview_data(tiny_values(workspace, dataset=[]), workspace, 1)
+
+
+def test_encoded_html_marks_exactly_the_trained_tokens(tokenizer):
+    from tuneforge.webui.actions import encoded_html
+
+    ids = tokenizer("Q: hi <b> A: yes", add_special_tokens=False)["input_ids"]
+    cut = len(ids) - 2
+    html = encoded_html({"input_ids": ids, "labels": [-100] * cut + ids[cut:], "origin": "f: row 1"}, tokenizer)
+    marked = html.split('<mark class="trained">')[1].split("</mark>")[0]
+    assert marked == tokenizer.decode(ids[cut:]).replace("<", "&lt;").replace(">", "&gt;")
+    assert "&lt;b&gt;" in html and "2 trained" in html
+
+
+def test_start_with_a_missing_dataset_file_fails_at_once(board, workspace):
+    from tuneforge.webui.tabs_train import TRAIN_KEYS
+
+    values = tiny_values(workspace, dataset=["broken"], output_dir="runs/never")
+    handlers = _train_handlers(board)
+    started = time.monotonic()
+    progress, status, log, plot, timer, command = handlers.start(*[values[k] for k in handlers.keys])
+    assert time.monotonic() - started < 5
+    assert 'data-state="failed"' in progress and "missing.json" in status and "Failed" in status
+    assert board.job is None and not (workspace.runs_dir / "never" / "train.log").exists()
+    assert set(TRAIN_KEYS) <= set(values)
+
+
+def test_start_poll_and_finish_a_tiny_run(board, workspace):
+    from tuneforge.webui.runner import wait_for
+
+    values = tiny_values(workspace, output_dir="runs/handler")
+    handlers = _train_handlers(board)
+    handlers.start(*[values[k] for k in handlers.keys])
+    busy = handlers.start(*[values[k] for k in handlers.keys])
+    assert "already in progress" in busy[1]
+    status = wait_for(board.job, ("finished", "failed"), 240)
+    assert status.state == "finished", status.log_tail
+    progress, line, log, frame, timer = handlers.poll()
+    assert 'data-state="finished"' in progress and 'data-step="3"' in progress
+    assert list(frame["step"]) == [1, 2, 3] and "runs/handler" in line
+    assert workspace.adapters() == ["runs/handler"]
+    assert (workspace.config_dir / "handler.yaml").is_file()
+
+
+def _train_handlers(board):
+    from tuneforge.webui.tabs_train import TRAIN_KEYS, TrainHandlers
+
+    return TrainHandlers(board, ["model", "hub", "method", "adapters", "template", *TRAIN_KEYS])
+
+
+@pytest.fixture
+def adapter_in_workspace(workspace, tiny_run):
+    shutil.copytree(tiny_run, workspace.runs_dir / "tiny_a", ignore=shutil.ignore_patterns("checkpoints"))
+    return "runs/tiny_a"
+
+
+def test_chat_session_streams_and_compares(workspace, adapter_in_workspace):
+    from tuneforge.errors import ModelError
+    from tuneforge.webui.chat import ChatSession, generation, respond
+
+    session = ChatSession()
+    gen = generation("", 0.0, 1.0, 6)
+    with pytest.raises(ModelError, match="load a model first"):
+        list(respond(session, "hi", [], [], gen, False))
+    described = session.load(tiny_values(workspace, adapters=[adapter_in_workspace]), workspace)
+    assert described.startswith("models/tiny | adapters: tiny_a")
+    frames = list(respond(session, "Who are you?", [], [], gen, compare=True))
+    tuned, base = frames[-1]
+    assert [m["role"] for m in tuned] == ["user", "assistant"] and tuned[1]["content"]
+    assert [m["role"] for m in base] == ["user", "assistant"] and base[1]["content"]
+    engine = session.engine
+    from tuneforge.chat.engine import BASE
+    from tuneforge.data.types import Message
+
+    assert tuned[1]["content"] == engine.generate([Message("user", "Who are you?")], gen)
+    assert base[1]["content"] == engine.generate([Message("user", "Who are you?")], gen, adapter=BASE)
+    session.unload()
+    assert session.engine is None
+
+
+def test_evaluate_tab_writes_results(workspace, adapter_in_workspace):
+    from tuneforge.webui.actions import evaluate
+
+    values = tiny_values(workspace, adapters=[adapter_in_workspace])
+    ev = {"eval_dataset": ["mini"], "eval_modes": ["loss", "predict"], "eval_cutoff_len": 64,
+          "eval_max_samples": 3, "eval_batch": 2, "eval_max_new_tokens": 4, "eval_dir": "runs/eval_t",
+          "compare_base": True}
+    rows, files, folder = evaluate(values, ev, workspace)
+    assert rows[0] == ["metric", "tuned", "base"]
+    assert {r[0] for r in rows[1:]} >= {"loss loss", "loss perplexity", "predict bleu-4"}
+    assert folder == workspace.runs_dir / "eval_t"
+    assert {p.split("/")[-1] for p in files} >= {"predictions.jsonl", "predictions_base.jsonl", "report.md",
+                                                 "results.json"}
+    with pytest.raises(PathRefused):
+        evaluate(values, {**ev, "eval_dir": "/tmp/x"}, workspace)
+
+
+def test_export_tab_verifies(workspace, adapter_in_workspace):
+    from tuneforge.webui.actions import export
+
+    values = tiny_values(workspace, adapters=[adapter_in_workspace])
+    ex = {"export_dir": "exports/t", "export_size": 0.001, "export_dtype": "fp32", "modelfile": True,
+          "gguf": ["f16"], "verify": True, "export_overwrite": False}
+    report, rows = export(values, ex, workspace)
+    assert report.passed and report.folder == workspace.exports_dir / "t"
+    assert "Modelfile" in report.files and "model-f16.gguf" in report.files
+    assert len([f for f in report.files if f.endswith(".safetensors")]) > 1  # sharded at 1 MB
+    assert [r[0] for r in rows] == [c.artifact for c in report.checks] and all(r[-1] == "pass" for r in rows)
+    with pytest.raises(PathRefused, match="export folder"):
+        export(values, {**ex, "export_dir": "runs/x"}, workspace)
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+
+def test_webui_command_defaults_and_environment(monkeypatch):
+    from tuneforge.cli.main import build_parser
+
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    args = build_parser().parse_args(["webui"])
+    assert (args.host, args.port, args.share, args.root) == ("127.0.0.1", 7860, False, ".")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    args = build_parser().parse_args(["webui", "--lang", "zh"])
+    assert (args.host, args.port, args.lang) == ("0.0.0.0", 7999, "zh")
+
+
+def test_webui_command_serves_the_four_tabs(tmp_path):
+    import json
+    import subprocess
+    import urllib.request
+
+    from tests.webui.test_browser import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tuneforge", "webui", "--root", str(tmp_path), "--port",
+                                str(port), "--lang", "zh"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, config = time.monotonic() + 90, None
+        while time.monotonic() < deadline and config is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5) as reply:
+                    config = json.loads(reply.read())
+            except OSError:
+                assert process.poll() is None, process.stdout.read().decode()
+                time.sleep(1)
+        assert config is not None
+        labels = {c.get("props", {}).get("label") for c in config["components"]}
+        assert {"训练", "评估与预测", "对话", "导出"} <= labels
+        assert {"data", "runs", "configs", "exports", "models"} <= {p.name for p in tmp_path.iterdir()}
+    finally:
+        process.terminate()
+        process.wait(30)
