@@ -243,6 +243,18 @@ def test_preview_pages_raw_and_encoded_rows(workspace):
         preview_data(tiny_values(workspace, dataset=[]), workspace, 1)
 
 
+def test_dataset_files_outside_the_dataset_folder_are_refused(workspace, tmp_path):
+    from tests.conftest import write_json
+    from tuneforge.webui.actions import check_dataset_files, preview_data
+    from tuneforge.webui.form import build_config
+
+    outside = write_json(tmp_path / "elsewhere" / "rows.json", [{"instruction": "a", "output": "b"}])
+    write_json(workspace.data_dir / "dataset_info.json", {"far": {"file_name": str(outside)}})
+    with pytest.raises(PathRefused, match="dataset 'far' file"):
+        preview_data(tiny_values(workspace, dataset=["far"]), workspace, 1)
+    check_dataset_files(build_config(tiny_values(workspace, dataset=["identity"]), workspace), workspace)
+
+
 def test_encoded_html_marks_exactly_the_trained_tokens(tokenizer):
     from tuneforge.webui.actions import encoded_html
 
@@ -393,3 +405,15 @@ def test_webui_command_serves_the_four_tabs(tmp_path):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_plan_button_prints_the_plan_or_the_error(board, workspace):
+    handlers = _train_handlers(board)
+    values = tiny_values(workspace, output_dir="runs/planned")
+    shown = handlers.plan(*[values[k] for k in handlers.keys])
+    assert "training plan" in shown and "peak memory" in shown and "two measured steps" in shown, shown
+    assert "3 per epoch" in shown or "= 3 " in shown
+    assert not (workspace.runs_dir / "planned" / "metrics.jsonl").exists()  # a plan trains nothing
+    bad = tiny_values(workspace, output_dir="runs/planned", stage="pt", dataset=["mini"], model="models/nope")
+    failed = handlers.plan(*[bad[k] for k in handlers.keys])
+    assert failed.startswith("Error:") and "models/nope" in failed and "Traceback" not in failed

@@ -40,11 +40,9 @@ def preview_data(values: dict[str, Any], ws: Workspace, page: int) -> DataPrevie
     from tuneforge.data.build import build_datasets
     from tuneforge.data.catalog import get_spec, load_catalog
     from tuneforge.data.readers import read_rows
-    from tuneforge.errors import DataError
 
     cfg = build_config(values, ws)
-    if not cfg.data.dataset:
-        raise DataError("choose at least one dataset to preview")
+    check_dataset_files(cfg, ws)
     catalog = load_catalog(cfg.data.dataset_dir, cfg.data.inline)
     raw = [r for name in cfg.data.dataset for r in read_rows(get_spec(catalog, name, cfg.data.dataset_dir))]
     template = _template(cfg)
@@ -82,14 +80,29 @@ def encoded_html(row: dict[str, Any], tokenizer: Any) -> str:
 
 
 def plan(argv: list[str], cwd: Path) -> str:
-    """`tuneforge train CONFIG --plan` in a child process: its printed plan, or its error message."""
+    """`tuneforge train CONFIG --plan` in a child process: its plan table; its error message is raised."""
+    import os
+
+    from tuneforge.errors import TuneforgeError
     from tuneforge.webui.runner import error_line
 
+    env = dict(os.environ, COLUMNS="140")  # the table is drawn for a terminal this wide
     done = subprocess.run([*argv, "--plan"], cwd=cwd, capture_output=True, text=True, timeout=PLAN_TIMEOUT_S,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, env=env)
+    output = done.stdout + "\n" + done.stderr
     if done.returncode != 0:
-        return "error: " + error_line(done.stdout + "\n" + done.stderr)
-    return done.stdout.strip()
+        raise TuneforgeError(error_line(output))
+    return plan_table(output)
+
+
+def plan_table(output: str) -> str:
+    """The plan table out of everything the child printed (progress bars and warnings left out)."""
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if "training plan" in line), None)
+    if start is None:
+        return output.strip()
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("└")), len(lines) - 1)
+    return "\n".join(lines[start:end + 1])
 
 
 def _template(cfg: RunConfig) -> Any:
@@ -146,16 +159,23 @@ def export(values: dict[str, Any], ex: dict[str, Any], ws: Workspace) -> tuple[A
     return report, rows
 
 
-def check_dataset_files(cfg: RunConfig) -> None:
-    """Before a launch: every chosen dataset is registered and its local file or folder exists."""
-    from tuneforge.data.catalog import get_spec, load_catalog
+def check_dataset_files(cfg: RunConfig, ws: Workspace) -> None:
+    """Before a launch or preview: every chosen dataset is registered, and a local file exists and lies in the
+    dataset folder (or is a built-in one)."""
+    from tuneforge.data.catalog import BUILTIN_DIR, get_spec, load_catalog
     from tuneforge.errors import DataError
+    from tuneforge.webui.workspace import within
 
     if not cfg.data.dataset:
         raise DataError("choose at least one dataset (Train tab: Datasets)")
     catalog = load_catalog(cfg.data.dataset_dir, cfg.data.inline)
     for name in cfg.data.dataset:
         spec = get_spec(catalog, name, cfg.data.dataset_dir)
-        if spec.source == "file" and not Path(spec.location).exists():
+        if spec.source != "file":
+            continue
+        location = Path(spec.location).resolve()
+        if not within(location, BUILTIN_DIR.resolve()):
+            ws.inside(location, ws.data_dir, f"dataset '{name}' file")
+        if not location.exists():
             raise DataError(f"dataset '{name}': file not found: {spec.location}. Check file_name in "
                             f"{spec.defined_in or 'dataset_info.json'} or put the file there")

@@ -158,10 +158,10 @@ class TrainHandlers:
 
         try:
             command = train_command(self.board.values(self.keys, args), self.board.ws)
+            write_text_atomic(command.config_path, command.yaml_text)
+            return actions.plan(command.argv, self.board.ws.root)
         except TuneforgeError as err:
             return self.board.error(err)
-        write_text_atomic(command.config_path, command.yaml_text)
-        return actions.plan(command.argv, self.board.ws.root)
 
     def start(self, *args: Any) -> list[Any]:
         """Write the YAML, launch the child process, and start polling."""
@@ -177,7 +177,7 @@ class TrainHandlers:
             values = board.values(self.keys, args)
             command = train_command(values, board.ws)
             cfg = build_config(values, board.ws)
-            actions.check_dataset_files(cfg)
+            actions.check_dataset_files(cfg, board.ws)
             run_dir = prepare_run_dir(cfg.output, cfg.train, plan_only=False, main=True)
         except TuneforgeError as err:
             failed = JobStatus("failed", error=str(err))

@@ -58,7 +58,8 @@ class Workspace:
     def model_path(self, value: str) -> str:
         """A model alias or hub id passes as is; a local folder must lie in models/ or the tuneforge home."""
         value = value.strip()
-        looks_local = value.startswith(("/", ".", "~")) or (self.root / value).exists() or value.count("/") > 1
+        looks_local = value.startswith(("/", ".", "~", "models/")) or (self.root / value).exists() or \
+            value.count("/") > 1
         if not looks_local:
             return value
         path = self.resolve(value)
