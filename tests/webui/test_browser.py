@@ -43,7 +43,8 @@ def page(board_url):
                                                                     "--disable-dev-shm-usage"])
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
         page.set_default_timeout(60_000)
-        page.goto(board_url, wait_until="networkidle")
+        page.goto(board_url)
+        page.wait_for_selector("#tf-start")
         yield page
         browser.close()
 

@@ -38,7 +38,8 @@ class TrainJob:
         self.run_dir, self.log_path = run_dir, log_path
         self.aborted = False
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="1")
+        # Unbuffered output for a live log tail; tables drawn for a narrow terminal fit the log box.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="96")
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)

@@ -72,7 +72,7 @@ def build(board: Any) -> tuple[Any, list[Any]]:
             log = board.field("log", gr.Textbox, lines=14, max_lines=14, interactive=False, autoscroll=True)
             plot = board.field("loss_plot", gr.LinePlot, x="step", y="loss", value=loss_frame([]))
         with gr.Row():
-            command = board.field("command", gr.Code, language="yaml", interactive=False)
+            command = board.field("command", gr.Code, language="yaml", interactive=False, lines=12, max_lines=24)
             plan_out = board.field("plan_output", gr.Textbox, lines=12, interactive=False)
         timer = gr.Timer(1.0, active=False)
     keys = ["model", "hub", "method", "adapters", "template", *TRAIN_KEYS]
