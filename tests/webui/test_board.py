@@ -49,9 +49,10 @@ def test_every_labelled_component_is_translated_and_switches_live(workspace):
         if isinstance(block, gr.Button):
             assert id(block) in translated, f"untranslated button {block.value!r}"
     updates = board.relabel("zh")
-    assert len(updates) == len(board.translated)
+    assert len(updates) == len(board.translated) + len(board.live)
     for (_, key, attr), update in zip(board.translated, updates):
         assert update[attr] == text(key, "zh")
+    assert [u["value"] for u in updates[len(board.translated):]] == ["就绪。", "未加载模型。"]
     assert board.say("idle") == "就绪。"
     board.relabel("en")
     assert board.say("idle") == "Ready."

@@ -86,6 +86,7 @@ def test_board_end_to_end(page, workspace, shots):
     page.wait_for_selector("#tf-title:has-text('看板')")
     assert page.get_by_role("tab", name="训练").is_visible()
     assert "学习率" in page.inner_text("#tf-learning_rate")
+    assert text_of(page, "status") == "就绪。"
     page.screenshot(path=str(shots / "train_zh.png"))
     choose(page, "lang", "English")
     page.wait_for_selector("#tf-title:has-text('board')")
@@ -101,18 +102,30 @@ def test_board_end_to_end(page, workspace, shots):
     assert "identity" in page.inner_text("#tf-preview-summary") or "raw rows" in page.inner_text(
         "#tf-preview-summary")
 
-    # a short run: progress bar, loss plot, finish
-    for key, value in {"max_steps": "4", "logging_steps": "1", "cutoff_len": "64", "max_samples": "8",
+    # a short run: the progress bar and the loss plot update while it runs, then it finishes
+    for key, value in {"max_steps": "30", "logging_steps": "1", "cutoff_len": "64", "max_samples": "8",
                        "grad_accum": "2", "learning_rate": "0.05", "output_dir": "runs/browser"}.items():
         fill(page, key, value)
     choose(page, "precision", "fp32")
+    empty_plot = page.locator("#tf-loss_plot").screenshot()
+    page.evaluate("""() => {
+        window.seenSteps = [];
+        new MutationObserver(() => {
+            const state = document.querySelector('#tf-progress-state');
+            if (state) window.seenSteps.push([state.dataset.state, Number(state.dataset.step)]);
+        }).observe(document.querySelector('#tf-progress'), {subtree: true, childList: true, attributes: true});
+    }""")
     page.click("#tf-start")
     page.wait_for_selector("#tf-progress-state[data-state='running']", timeout=120_000)
     page.screenshot(path=str(shots / "train_running.png"), full_page=True)
     page.wait_for_selector("#tf-progress-state[data-state='finished']", timeout=300_000)
-    assert page.get_attribute("#tf-progress-state", "data-step") == "4"
+    assert page.get_attribute("#tf-progress-state", "data-step") == "30"
+    assert page.get_attribute("#tf-progress-fill", "style") == "width:100.0%"
+    seen = page.evaluate("window.seenSteps")
+    assert any(state == "running" and 0 < step < 30 for state, step in seen), seen  # live, not only the end
     assert "runs/browser" in text_of(page, "status")
-    assert page.locator("#tf-loss_plot canvas, #tf-loss_plot svg").count() > 0
+    page.wait_for_timeout(1000)
+    assert page.locator("#tf-loss_plot").screenshot() != empty_plot  # the curve was drawn
     assert (workspace.runs_dir / "browser" / "adapter" / "adapter_config.json").is_file()
     page.screenshot(path=str(shots / "train_finished.png"), full_page=True)
 

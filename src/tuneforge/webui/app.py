@@ -32,6 +32,7 @@ class Board:
         self.ws, self.lang = ws, lang
         self.fields: dict[str, Any] = {}
         self.translated: list[tuple[Any, str, str]] = []  # (component, string key, attribute it shows)
+        self.live: list[tuple[Any, Callable[[], str]]] = []  # run-time messages, re-said in a new language
         self.job: TrainJob | None = None
         self.chat = ChatSession()
 
@@ -69,11 +70,12 @@ class Board:
         return [self.fields[k] for k in keys]
 
     def relabel(self, lang: str) -> list[Any]:
-        """Updates that show every translated string in `lang`."""
+        """Updates that show every translated string, and the current status messages, in `lang`."""
         import gradio as gr
 
         self.lang = lang
-        return [gr.update(**{attr: text(key, lang)}) for _, key, attr in self.translated]
+        return [gr.update(**{attr: text(key, lang)}) for _, key, attr in self.translated] + \
+            [gr.update(value=say()) for _, say in self.live]
 
     def say(self, key: str, **fields: Any) -> str:
         """A run-time message in the current language."""
@@ -96,7 +98,7 @@ def create_app(ws: Workspace, lang: str = "en") -> tuple[Any, Board]:
     board = Board(ws, lang)
     with gr.Blocks(title="tuneforge board") as demo:
         with gr.Row(equal_height=True):
-            title = gr.Markdown(f"## {board.t('title')}", elem_id="tf-title")
+            title = gr.Markdown(board.t("title"), elem_id="tf-title")
             lang_box = gr.Dropdown(choices=[(LANGUAGE_NAMES[c], c) for c in LANGUAGES], value=lang,
                                    label=board.t("lang"), elem_id="tf-lang", scale=0, min_width=160)
         board.translated.append((title, "title", "value"))
@@ -106,7 +108,7 @@ def create_app(ws: Workspace, lang: str = "en") -> tuple[Any, Board]:
         tabs_use.build_eval(board)
         tabs_use.build_chat(board)
         tabs_use.build_export(board)
-        translated = [c for c, _, _ in board.translated]
+        translated = [c for c, _, _ in board.translated] + [c for c, _ in board.live]
         lang_box.change(board.relabel, inputs=lang_box, outputs=translated)
         demo.load(on_load, outputs=views)
     return demo, board

@@ -6,7 +6,7 @@ LANGUAGES = ("en", "zh")
 
 # key -> (English, Chinese)
 STRINGS: dict[str, tuple[str, str]] = {
-    "title": ("tuneforge board: fine-tune language models", "tuneforge 看板：微调大语言模型"),
+    "title": ("## tuneforge board: fine-tune language models", "## tuneforge 看板：微调大语言模型"),
     "lang": ("Language", "语言"),
     "model": ("Model (alias, local folder or hub id)", "模型（别名、本地文件夹或 Hub ID）"),
     "hub": ("Hub", "模型来源"),

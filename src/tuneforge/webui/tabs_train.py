@@ -68,6 +68,8 @@ def build(board: Any) -> tuple[Any, list[Any]]:
             abort = board.button("abort", variant="stop")
         progress = board.field("progress", gr.HTML, value=progress_html(JobStatus("idle"), board))
         status = board.field("status", gr.Textbox, value=board.say("idle"), interactive=False)
+        board.live.append((status, lambda: status_line(board.job.status() if board.job else JobStatus("idle"),
+                                                       board)))
         with gr.Row():
             log = board.field("log", gr.Textbox, lines=14, max_lines=14, interactive=False, autoscroll=True)
             plot = board.field("loss_plot", gr.LinePlot, x="step", y="loss", value=loss_frame([]))
@@ -223,7 +225,7 @@ def progress_html(status: JobStatus, board: Any) -> str:
     """A progress bar with step count and ETA; data attributes let tests read the state."""
     share = 100 * status.step / status.total if status.total else (100 if status.state == "finished" else 0)
     eta = format_seconds(status.eta) if status.eta is not None and status.state == "running" else ""
-    label = f"{status.step} / {status.total or '?'}" + (f" · ETA {eta}" if eta else "") + f" · {status.state}"
+    label = f"{status.step} / {status.total or '?'}" + (f" · ETA {eta}" if eta else "")
     return (f'<div id="tf-progress-state" data-state="{status.state}" data-step="{status.step}" '
             f'data-total="{status.total}"><div id="tf-progress-bar"><div id="tf-progress-fill" '
             f'style="width:{share:.1f}%"></div></div><span>{html.escape(label)}</span></div>')

@@ -70,6 +70,8 @@ def build_chat(board: Any) -> None:
             unload = board.button("unload_model")
             state = board.field("model_status", gr.Textbox, value=board.say("model_unloaded"), interactive=False,
                                 scale=3)
+            board.live.append((state, lambda: board.say("model_loaded", model=board.chat.description)
+                               if board.chat.engine is not None else board.say("model_unloaded")))
         with gr.Row():
             system = board.field("system_prompt", gr.Textbox, scale=3)
             temperature = board.field("temperature", gr.Slider, minimum=0, maximum=1.5, value=0, step=0.05)
