@@ -52,7 +52,11 @@ def test_every_labelled_component_is_translated_and_switches_live(workspace):
     assert len(updates) == len(board.translated) + len(board.live)
     for (_, key, attr), update in zip(board.translated, updates):
         assert update[attr] == text(key, "zh")
-    assert [u["value"] for u in updates[len(board.translated):]] == ["就绪。", "未加载模型。"]
+    live = {id(c): u["value"] for (c, _), u in zip(board.live, updates[len(board.translated):])}
+    assert live[id(board.fields["status"])] == "就绪。"
+    assert live[id(board.fields["model_status"])] == "未加载模型。"
+    checks = next(c for c, _ in board.live if c.elem_id == "tf-export-checks")
+    assert list(live[id(checks)].columns) == ["导出文件", "最大 logit 差值", "贪心解码一致率", "容差", "结果"]
     assert board.say("idle") == "就绪。"
     board.relabel("en")
     assert board.say("idle") == "Ready."
@@ -360,7 +364,7 @@ def test_export_tab_verifies(workspace, adapter_in_workspace):
     assert report.passed and report.folder == workspace.exports_dir / "t"
     assert "Modelfile" in report.files and "model-f16.gguf" in report.files
     assert len([f for f in report.files if f.endswith(".safetensors")]) > 1  # sharded at 1 MB
-    assert [r[0] for r in rows] == [c.artifact for c in report.checks] and all(r[-1] == "pass" for r in rows)
+    assert [r[0] for r in rows] == [c.artifact for c in report.checks] and all(r[-1] is True for r in rows)
     with pytest.raises(PathRefused, match="export folder"):
         export(values, {**ex, "export_dir": "runs/x"}, workspace)
 

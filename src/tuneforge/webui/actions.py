@@ -144,7 +144,8 @@ def evaluate(values: dict[str, Any], ev: dict[str, Any], ws: Workspace) -> tuple
 
 
 def export(values: dict[str, Any], ex: dict[str, Any], ws: Workspace) -> tuple[Any, list[list[Any]]]:
-    """Run `tuneforge export` in-process for the top bar's model and adapter: the report and its check rows."""
+    """Run `tuneforge export` in-process for the top bar's model and adapter: the report and its check rows
+    (artifact, max |logit diff|, greedy agreement, tolerance, passed)."""
     from tuneforge.export.merge import export as run_export
 
     tree = top_tree(values, ws)
@@ -154,8 +155,8 @@ def export(values: dict[str, Any], ex: dict[str, Any], ws: Workspace) -> tuple[A
                       "gguf": list(ex.get("gguf") or []), "verify": bool(ex.get("verify")),
                       "overwrite": bool(ex.get("export_overwrite"))}
     report = run_export(load_tree(tree, "web UI export tab"))
-    rows = [[c.artifact, f"{c.max_abs_diff:.3g}", f"{c.greedy_agreement:.0%}", c.tolerance,
-             "pass" if c.passed else "FAIL"] for c in report.checks]
+    rows = [[c.artifact, f"{c.max_abs_diff:.3g}", f"{c.greedy_agreement:.0%}", c.tolerance, c.passed]
+            for c in report.checks]
     return report, rows
 
 

@@ -115,6 +115,15 @@ STRINGS: dict[str, tuple[str, str]] = {
     "export_overwrite": ("Replace an existing export", "覆盖已有导出"),
     "run_export": ("Export", "开始导出"),
     "export_result": ("Export result", "导出结果"),
+    # table headers
+    "col_metric": ("metric", "指标"),
+    "col_artifact": ("artifact", "导出文件"),
+    "col_diff": ("max |logit diff|", "最大 logit 差值"),
+    "col_agreement": ("greedy agreement", "贪心解码一致率"),
+    "col_tolerance": ("tolerance", "容差"),
+    "col_result": ("result", "结果"),
+    "pass": ("pass", "通过"),
+    "fail": ("FAIL", "未通过"),
 }
 
 # Messages built at run time; {} fields are filled with str.format.
@@ -138,6 +147,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "export_unverified": ("Export written to {folder} (not verified).", "已导出到 {folder}（未验证）。"),
     "eval_done": ("Evaluation written to {folder}", "评估结果已写入 {folder}"),
     "error": ("Error: {error}", "错误：{error}"),
+    "files": ("files: {files}", "文件：{files}"),
 }
 
 

@@ -42,22 +42,32 @@ def build_eval(board: Any) -> None:
         files = board.field("result_files", gr.File, file_count="multiple", interactive=False)
 
     keys = TOP + EVAL_KEYS
+    shown: dict[str, Any] = {}  # the last results, re-said when the language changes
 
     def on_run(*args: Any) -> tuple[Any, Any, str]:
         values = board.values(keys, args)
+        shown.clear()
         try:
-            rows, written, folder = actions.evaluate(values, values, board.ws)
+            shown["rows"], written, shown["folder"] = actions.evaluate(values, values, board.ws)
         except TuneforgeError as err:
             return None, None, board.error(err)
-        return _frame(rows), written, board.say("eval_done", folder=board.ws.relative(folder))
+        return metric_frame(shown["rows"], board), written, done_note()
+
+    def done_note() -> str:
+        return board.say("eval_done", folder=board.ws.relative(shown["folder"])) if shown else ""
 
     run.click(on_run, inputs=board.inputs(keys), outputs=[table, files, note])
+    board.live.append((note, done_note))
+    board.live.append((table, lambda: metric_frame(shown.get("rows"), board)))
 
 
-def _frame(rows: list[list[Any]]) -> Any:
+def metric_frame(rows: list[list[Any]] | None, board: Any) -> Any:
+    """The metric table (first row: headers) with its first header in the page's language."""
     import pandas as pd
 
-    return pd.DataFrame(rows[1:], columns=rows[0])
+    if not rows:
+        return None
+    return pd.DataFrame(rows[1:], columns=[board.t("col_metric"), *rows[0][1:]])
 
 
 def build_chat(board: Any) -> None:
@@ -134,19 +144,37 @@ def build_export(board: Any) -> None:
             board.field("export_overwrite", gr.Checkbox, value=False)
             run = board.button("run_export", variant="primary")
         result = board.field("export_result", gr.Markdown)
-        checks = gr.Dataframe(headers=["artifact", "max |logit diff|", "greedy agreement", "tolerance", "result"],
-                              interactive=False, elem_id="tf-export-checks")
+        checks = gr.Dataframe(check_frame([], board), interactive=False, elem_id="tf-export-checks")
 
     keys = TOP + EXPORT_KEYS
+    shown: dict[str, Any] = {}  # the last export, re-said when the language changes
 
-    def on_run(*args: Any) -> tuple[str, Any]:
-        try:
-            report, rows = actions.export(board.values(keys, args), board.values(keys, args), board.ws)
-        except TuneforgeError as err:
-            return board.error(err), None
+    def summary() -> str:
+        report = shown.get("report")
+        if report is None:
+            return ""
         folder = board.ws.relative(report.folder.resolve())
         key = "export_unverified" if not report.checks else "export_passed" if report.passed else "export_failed"
-        lines = [board.say(key, folder=folder), "", "files: " + ", ".join(f"`{f}`" for f in report.files)]
-        return "\n".join(lines), rows or None
+        files = ", ".join(f"`{f}`" for f in report.files)
+        return board.say(key, folder=folder) + "\n\n" + board.say("files", files=files)
+
+    def on_run(*args: Any) -> tuple[str, Any]:
+        shown.clear()
+        try:
+            shown["report"], shown["rows"] = actions.export(board.values(keys, args), board.values(keys, args),
+                                                            board.ws)
+        except TuneforgeError as err:
+            return board.error(err), check_frame([], board)
+        return summary(), check_frame(shown["rows"], board)
 
     run.click(on_run, inputs=board.inputs(keys), outputs=[result, checks])
+    board.live.append((result, summary))
+    board.live.append((checks, lambda: check_frame(shown.get("rows", []), board)))
+
+
+def check_frame(rows: list[list[Any]], board: Any) -> Any:
+    """The verification table with headers and verdicts in the page's language."""
+    import pandas as pd
+
+    columns = [board.t(k) for k in ("col_artifact", "col_diff", "col_agreement", "col_tolerance", "col_result")]
+    return pd.DataFrame([[*r[:4], board.t("pass" if r[4] else "fail")] for r in rows], columns=columns)
