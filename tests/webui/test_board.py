@@ -384,6 +384,16 @@ def test_webui_command_defaults_and_environment(monkeypatch):
     assert (args.host, args.port, args.lang) == ("0.0.0.0", 7999, "zh")
 
 
+
+def test_auth_is_user_and_password():
+    from tuneforge.cli.webui_cmd import parse_auth
+
+    assert parse_auth("ann:s3cret:x") == ("ann", "s3cret:x") and parse_auth(None) is None
+    for bad in ("ann", "ann:", ":pw"):
+        with pytest.raises(ConfigError, match="USER:PASSWORD"):
+            parse_auth(bad)
+
+
 def test_webui_command_serves_the_four_tabs(tmp_path):
     import json
     import subprocess

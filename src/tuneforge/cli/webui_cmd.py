@@ -1,4 +1,4 @@
-"""`tuneforge webui [--root DIR] [--host H] [--port P] [--share] [--lang en|zh]`."""
+"""`tuneforge webui [--root DIR] [--host H] [--port P] [--share] [--auth USER:PASSWORD] [--lang en|zh]`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
                    help="port (default 7860, or GRADIO_SERVER_PORT)")
     p.add_argument("--share", action="store_true", help="also open a public gradio share link")
+    p.add_argument("--auth", default=os.environ.get("TUNEFORGE_WEBUI_AUTH"), metavar="USER:PASSWORD",
+                   help="require this login (or TUNEFORGE_WEBUI_AUTH); advised with --share or a non-local --host")
     p.add_argument("--lang", choices=["en", "zh"], default="en", help="starting language (switchable in the page)")
     p.set_defaults(handler=cmd_webui)
 
@@ -29,5 +31,17 @@ def cmd_webui(args: argparse.Namespace, overrides: list[str], flags: dict[str, A
     require("gradio", "webui")
     from tuneforge.webui.app import serve
 
-    serve(Path(args.root), args.host, args.port, args.share, args.lang)
+    serve(Path(args.root), args.host, args.port, args.share, args.lang, parse_auth(args.auth))
     return 0
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """USER:PASSWORD as gradio's auth pair."""
+    from tuneforge.errors import ConfigError
+
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError("--auth takes USER:PASSWORD (both non-empty)")
+    return user, password

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tuneforge.errors import TuneforgeError
 from tuneforge.webui.chat import ChatSession
 from tuneforge.webui.i18n import LANGUAGES, message, text
 from tuneforge.webui.runner import TrainJob
@@ -136,28 +135,20 @@ def top_bar(board: Board) -> None:
     refresh.click(lambda: gr.update(choices=ws.adapters()), outputs=adapters)
 
 
-def guarded(board: Board, fn: Callable[..., Any], fallback: Callable[[str], Any]) -> Callable[..., Any]:
-    """Run a handler; a user error becomes `fallback(message)` shown in the page, never a traceback."""
-
-    def run(*args: Any) -> Any:
-        try:
-            return fn(*args)
-        except TuneforgeError as err:
-            return fallback(board.error(err))
-
-    return run
-
-
-def serve(root: Path, host: str, port: int, share: bool, lang: str) -> None:
+def serve(root: Path, host: str, port: int, share: bool, lang: str, auth: tuple[str, str] | None = None) -> None:
     """Build the board over `root` and serve it until interrupted."""
     ws = Workspace.at(root)
     demo, _ = create_app(ws, lang)
+    if (share or host not in ("127.0.0.1", "localhost", "::1")) and auth is None:
+        print(f"warning: the board is reachable beyond this machine ({'share link' if share else host}) without "
+              "a login; anyone who reaches it can train and read your working folder. Add --auth USER:PASSWORD.")
     print(f"tuneforge board on http://{host}:{port} (working folder {ws.root})")
-    launch(demo, ws, host, port, share, block=True)
+    launch(demo, ws, host, port, share, block=True, auth=auth)
 
 
-def launch(demo: Any, ws: Workspace, host: str, port: int, share: bool = False, block: bool = False) -> Any:
+def launch(demo: Any, ws: Workspace, host: str, port: int, share: bool = False, block: bool = False,
+           auth: tuple[str, str] | None = None) -> Any:
     """Start serving; with block=False it returns at once (tests drive the page from a browser)."""
     return demo.queue().launch(server_name=host, server_port=port, share=share, css=CSS, quiet=not block,
                                allowed_paths=[str(ws.root)], footer_links=[], show_error=True,
-                               prevent_thread_lock=not block)
+                               prevent_thread_lock=not block, auth=auth)

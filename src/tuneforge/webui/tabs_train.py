@@ -105,9 +105,11 @@ class TrainHandlers:
         """Re-read the dataset folder's dataset_info.json."""
         import gradio as gr
 
+        from tuneforge.errors import TuneforgeError
+
         try:
             return gr.update(choices=actions.dataset_names(self.board.ws, dataset_dir))
-        except Exception as err:  # noqa: BLE001 - a bad folder is reported, the dropdown stays as it was
+        except TuneforgeError as err:  # a bad folder is reported; the dropdown stays as it was
             gr.Warning(self.board.error(err))
             return gr.update()
 

@@ -114,6 +114,9 @@ def build_chat(board: Any) -> None:
         if board.chat.engine is None:
             yield tuned_history, base_history, message, board.say("load_first")
             return
+        if not message.strip():
+            yield tuned_history, base_history, message, gr.update()
+            return
         gen = generation(system_prompt, temp, p, new_tokens)
         for tuned_now, base_now in respond(board.chat, message, tuned_history or [], base_history or [], gen,
                                            side_by_side):
