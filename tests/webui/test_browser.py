@@ -149,7 +149,16 @@ def test_board_end_to_end(page, workspace, shots):
     page.locator("#tf-message textarea").fill("Who are you?")
     page.click("#tf-send")
     page.wait_for_selector("#tf-chat_tuned .message-row.bot-row, #tf-chat_tuned [data-testid='bot']")
+    page.wait_for_timeout(800)
     page.screenshot(path=str(shots / "chat.png"), full_page=True)
+    page.click("#tf-compare input")
+    page.wait_for_selector("#tf-chat_base", state="visible")
+    page.locator("#tf-message textarea").fill("你是谁？")
+    page.click("#tf-send")
+    page.wait_for_function("document.querySelectorAll('#tf-chat_base .bot-row, #tf-chat_base "
+                           "[data-testid=\"bot\"]').length >= 1")
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(shots / "chat_compare.png"), full_page=True)
 
     # evaluate (loss mode) on the identity set
     open_tab(page, "Evaluate & Predict")
@@ -157,6 +166,9 @@ def test_board_end_to_end(page, workspace, shots):
     fill(page, "eval_max_samples", "4")
     page.click("#tf-run_eval")
     page.wait_for_selector("#tf-metrics:has-text('perplexity')", timeout=120_000)
+    page.wait_for_selector("#tf-eval-status:has-text('Evaluation written to runs/eval')")
+    page.wait_for_timeout(800)  # the pending overlay fades out
+    assert "report\n.md" in page.inner_text("#tf-result_files")  # name and extension are drawn apart
     page.screenshot(path=str(shots / "evaluate.png"), full_page=True)
 
     # export with verification
@@ -166,5 +178,25 @@ def test_board_end_to_end(page, workspace, shots):
     page.wait_for_selector("#tf-export_result:has-text('every check passed')", timeout=300_000)
     page.screenshot(path=str(shots / "export.png"), full_page=True)
     assert (workspace.exports_dir / "browser" / "Modelfile").is_file()
-    for name in ("train_zh", "train_running", "train_finished", "chat", "evaluate", "export"):
+    for name in ("train_zh", "train_running", "train_finished", "chat", "chat_compare", "evaluate", "export"):
         assert (shots / f"{name}.png").stat().st_size > 10_000
+
+
+def test_a_run_survives_a_reload_and_aborts(page, workspace, board_url):
+    choose(page, "model", "models/tiny")
+    choose(page, "template", "chatml")
+    choose(page, "dataset", "identity")
+    for key, value in {"max_steps": "100000", "logging_steps": "1", "cutoff_len": "64", "max_samples": "8",
+                       "save_steps": "0", "output_dir": "runs/long"}.items():
+        fill(page, key, value)
+    page.click("#tf-start")
+    page.wait_for_selector("#tf-progress-state[data-state='running']", timeout=120_000)
+    page.reload()  # the page reconnects to the run in progress
+    page.wait_for_selector("#tf-progress-state[data-state='running']", timeout=30_000)
+    step = int(page.get_attribute("#tf-progress-state", "data-step"))
+    page.wait_for_function(f"Number(document.querySelector('#tf-progress-state').dataset.step) > {step}")
+    page.click("#tf-abort")
+    page.wait_for_selector("#tf-progress-state[data-state='aborted']", timeout=60_000)
+    assert text_of(page, "status").startswith("Aborted")
+    checkpoints = list((workspace.runs_dir / "long" / "checkpoints").glob("step-*"))
+    assert checkpoints, "Abort saves a checkpoint, as Ctrl-C does"
