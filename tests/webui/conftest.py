@@ -34,7 +34,8 @@ def tiny_values(ws, **changes) -> dict:
               "logging_steps": 1, "save_steps": 100, "seed": 42, "lora_rank": 4, "lora_alpha": 0,
               "lora_dropout": 0.0, "lora_targets": "all", "rslora": False, "dora": False, "pissa": False,
               "freeze_layers": 2, "freeze_modules": "all", "quant_type": "nf4", "double_quant": True,
-              "report_to": [], "output_dir": "runs/tiny", "overwrite": False, "resume": False}
+              "report_to": [], "output_dir": "runs/tiny", "overwrite": False, "resume": False,
+              "extra_args": ""}
     values.update(changes)
     return values
 

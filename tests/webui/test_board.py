@@ -78,12 +78,33 @@ def test_paths_outside_the_working_folders_are_refused(workspace):
     assert workspace.local_models() == ["models/tiny"]
 
 
+def test_symlinks_placed_by_the_owner_are_followed(workspace, tiny_model_dir):
+    (workspace.models_dir / "linked").symlink_to(tiny_model_dir, target_is_directory=True)
+    assert workspace.model_path("models/linked") == str(workspace.models_dir / "linked")
+    with pytest.raises(PathRefused):
+        workspace.model_path("models/linked/../../../etc")
+
+
+def test_extra_settings_apply_and_stay_confined(workspace):
+    from tuneforge.webui.form import build_config
+
+    cfg = build_config(tiny_values(workspace, extra_args="train.weight_decay=0.01\n# a comment\nwarmup_steps=3\n"),
+                       workspace)
+    assert cfg.train.weight_decay == 0.01 and cfg.train.warmup_steps == 3
+    with pytest.raises(ConfigError, match="weight_dekay"):
+        build_config(tiny_values(workspace, extra_args="train.weight_dekay=0.01"), workspace)
+    for escape in ("output.dir=/tmp/x", "output_dir=/tmp/x", "data.cache_dir=/var/tmp", "eval.dir=../x",
+                   "adapter_name_or_path=/etc"):
+        with pytest.raises(PathRefused):
+            build_config(tiny_values(workspace, extra_args=escape), workspace)
+
+
 def test_form_refuses_an_output_folder_outside_runs(workspace):
     from tuneforge.webui.form import train_command
 
-    with pytest.raises(PathRefused, match="output folder '/tmp/elsewhere'"):
+    with pytest.raises(PathRefused, match="output.dir '/tmp/elsewhere' is outside"):
         train_command(tiny_values(workspace, output_dir="/tmp/elsewhere"), workspace)
-    with pytest.raises(PathRefused, match="dataset folder"):
+    with pytest.raises(PathRefused, match="data.dataset_dir"):
         train_command(tiny_values(workspace, dataset_dir="../outside"), workspace)
 
 
@@ -277,7 +298,7 @@ def test_start_with_a_missing_dataset_file_fails_at_once(board, workspace):
     values = tiny_values(workspace, dataset=["broken"], output_dir="runs/never")
     handlers = _train_handlers(board)
     started = time.monotonic()
-    progress, status, log, plot, timer, command = handlers.start(*[values[k] for k in handlers.keys])
+    progress, status, log, plot, timer, adapters, command = handlers.start(*[values[k] for k in handlers.keys])
     assert time.monotonic() - started < 5
     assert 'data-state="failed"' in progress and "missing.json" in status and "Failed" in status
     assert board.job is None and not (workspace.runs_dir / "never" / "train.log").exists()
@@ -294,10 +315,10 @@ def test_start_poll_and_finish_a_tiny_run(board, workspace):
     assert "already in progress" in busy[1]
     status = wait_for(board.job, ("finished", "failed"), 240)
     assert status.state == "finished", status.log_tail
-    progress, line, log, frame, timer = handlers.poll()
+    progress, line, log, frame, timer, adapters = handlers.poll()
     assert 'data-state="finished"' in progress and 'data-step="3"' in progress
     assert list(frame["step"]) == [1, 2, 3] and "runs/handler" in line
-    assert workspace.adapters() == ["runs/handler"]
+    assert workspace.adapters() == ["runs/handler"] and adapters["choices"] == ["runs/handler"]
     assert (workspace.config_dir / "handler.yaml").is_file()
 
 

@@ -136,7 +136,7 @@ def test_board_end_to_end(page, workspace, shots):
     page.wait_for_selector("#tf-progress-state[data-state='failed']", timeout=10_000)
     assert "missing.json" in text_of(page, "status")
 
-    # adapters: refresh, pick the new run
+    # adapters: the finished run is listed (the list refreshes when a run ends, and on the button)
     page.click("#tf-refresh_adapters")
     choose(page, "adapters", "runs/browser")
 

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from tuneforge.config import RunConfig, load, load_tree
+from tuneforge.config.load import apply_override
 from tuneforge.webui.workspace import Workspace
 
 METHODS = ("lora", "qlora-4bit", "qlora-8bit", "freeze", "full")
@@ -61,10 +62,11 @@ class Command:
 
 
 def config_tree(values: dict[str, Any], ws: Workspace) -> dict[str, Any]:
-    """The nested config mapping for the form's values; paths are checked against the working folders."""
+    """The nested config mapping for the form's values (extra `key=value` lines last); every path in it is
+    checked against the working folders and made absolute."""
     tree: dict[str, Any] = {}
     method = values.get("method") or "lora"
-    _put(tree, "model.path", ws.model_path(values.get("model") or "smollm2-135m-instruct"))
+    _put(tree, "model.path", values.get("model") or "smollm2-135m-instruct")
     _put(tree, "finetune.method", "lora" if method.startswith("qlora") else method)
     chosen = dict(SIMPLE)
     if method.startswith("qlora"):
@@ -80,16 +82,37 @@ def config_tree(values: dict[str, Any], ws: Workspace) -> dict[str, Any]:
     for key, dotted in chosen.items():
         _put(tree, dotted, values.get(key))
     _put(tree, "data.packing", PACKING.get(values.get("packing") or "auto"))
-    adapters = [str(ws.inside(a, ws.runs_dir, "adapter")) for a in values.get("adapters") or []]
-    _put(tree, "model.adapter_path", adapters or None)
-    if values.get("dataset_dir"):
-        _put(tree, "data.dataset_dir", str(ws.inside(values["dataset_dir"], ws.data_dir, "dataset folder")))
+    _put(tree, "model.adapter_path", list(values.get("adapters") or []) or None)
+    _put(tree, "data.dataset_dir", values.get("dataset_dir"))
     _put(tree, "data.dataset", list(values.get("dataset") or []) or None)
-    if values.get("output_dir"):
-        _put(tree, "output.dir", str(ws.inside(values["output_dir"], ws.runs_dir, "output folder")))
+    _put(tree, "output.dir", values.get("output_dir"))
     if values.get("resume"):
         _put(tree, "train.resume_from_checkpoint", "auto")
+    for line in (values.get("extra_args") or "").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            apply_override(tree, line.strip())
+    confine(tree, ws)
     return tree
+
+
+def confine(tree: dict[str, Any], ws: Workspace) -> None:
+    """Resolve every path setting in the tree, refusing one outside the folder the web UI keeps it in."""
+    folders = {"output.dir": ws.runs_dir, "output.logging_dir": ws.runs_dir, "data.dataset_dir": ws.data_dir,
+               "data.cache_dir": ws.root, "model.cache_dir": ws.models_dir, "eval.dir": ws.runs_dir,
+               "eval.task_dir": ws.data_dir, "export.dir": ws.exports_dir}
+    for dotted, folder in folders.items():
+        value = _lookup(tree, dotted)
+        if value is not None:
+            _put(tree, dotted, str(ws.inside(value, folder, dotted)))
+    if _lookup(tree, "model.path") is not None:
+        _put(tree, "model.path", ws.model_path(str(_lookup(tree, "model.path"))))
+    adapters = _lookup(tree, "model.adapter_path")
+    if adapters is not None:
+        adapters = [adapters] if isinstance(adapters, str) else adapters
+        _put(tree, "model.adapter_path", [str(ws.inside(a, ws.runs_dir, "adapter")) for a in adapters] or None)
+    resume = _lookup(tree, "train.resume_from_checkpoint")
+    if resume not in (None, "auto"):
+        _put(tree, "train.resume_from_checkpoint", str(ws.inside(resume, ws.runs_dir, "checkpoint")))
 
 
 def build_config(values: dict[str, Any], ws: Workspace) -> RunConfig:
@@ -139,6 +162,7 @@ def form_values(cfg: RunConfig, ws: Workspace) -> dict[str, Any]:
     values["output_dir"] = _shown(cfg.output.dir, ws)
     values["resume"] = cfg.train.resume_from_checkpoint is not None
     values["packing"] = {None: "auto", True: "true", False: "false"}[cfg.data.packing]
+    values["extra_args"] = ""
     return values
 
 
@@ -149,6 +173,14 @@ def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for part in parents:
         tree = tree.setdefault(part, {})
     tree[last] = value
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
 
 
 def _get(cfg: Any, dotted: str) -> Any:

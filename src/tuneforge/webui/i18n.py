@@ -52,6 +52,8 @@ STRINGS: dict[str, tuple[str, str]] = {
     "output_dir": ("Output folder", "输出目录"),
     "overwrite": ("Overwrite a finished run", "覆盖已完成的运行"),
     "resume": ("Resume from the newest checkpoint", "从最新检查点继续"),
+    "extra_args": ("Extra settings: key=value per line (e.g. train.weight_decay=0.01 or weight_decay=0.01)",
+                   "其他设置：每行一个 key=value（如 train.weight_decay=0.01 或 weight_decay=0.01）"),
     # panels
     "lora_panel": ("LoRA", "LoRA 参数"),
     "lora_rank": ("LoRA rank", "LoRA 秩"),

@@ -17,7 +17,8 @@ TRAIN_KEYS = ["stage", "dataset_dir", "dataset", "identity_name", "identity_auth
               "max_steps", "cutoff_len", "max_samples", "batch_size", "grad_accum", "scheduler", "warmup_ratio",
               "precision", "max_grad_norm", "val_size", "packing", "logging_steps", "save_steps", "seed",
               "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "rslora", "dora", "pissa", "freeze_layers",
-              "freeze_modules", "quant_type", "double_quant", "report_to", "output_dir", "overwrite", "resume"]
+              "freeze_modules", "quant_type", "double_quant", "report_to", "output_dir", "overwrite", "resume",
+              "extra_args"]
 
 
 def default_output_dir() -> str:
@@ -58,6 +59,7 @@ def build(board: Any) -> tuple[Any, list[Any]]:
             board.field("output_dir", gr.Textbox, value=default_output_dir, scale=2)
             board.field("overwrite", gr.Checkbox, value=False, scale=1)
             board.field("resume", gr.Checkbox, value=False, scale=1)
+        board.field("extra_args", gr.Textbox, lines=2, placeholder="train.weight_decay=0.01")
         with gr.Row():
             preview_cmd = board.button("preview_cmd")
             board.field("args_file", gr.Textbox, value="my_args.yaml", scale=1)
@@ -88,7 +90,7 @@ def build(board: Any) -> tuple[Any, list[Any]]:
     save.click(handlers.save, inputs=[*form, board.fields["args_file"]], outputs=status)
     load.click(handlers.load, inputs=board.fields["args_file"], outputs=[*form, status])
     plan.click(handlers.plan, inputs=form, outputs=plan_out)
-    views = [progress, status, log, plot, timer]
+    views = [progress, status, log, plot, timer, board.fields["adapters"]]
     start.click(handlers.start, inputs=form, outputs=[*views, command])
     abort.click(handlers.abort, outputs=views)
     timer.tick(handlers.poll, outputs=views)
@@ -176,7 +178,8 @@ class TrainHandlers:
 
         board = self.board
         if board.job is not None and board.job.running:
-            return [gr.update(), board.say("busy"), gr.update(), gr.update(), gr.Timer(active=True), gr.update()]
+            return [gr.update(), board.say("busy"), gr.update(), gr.update(), gr.Timer(active=True), gr.update(),
+                    gr.update()]
         try:
             values = board.values(self.keys, args)
             command = train_command(values, board.ws)
@@ -186,7 +189,7 @@ class TrainHandlers:
         except TuneforgeError as err:
             failed = JobStatus("failed", error=str(err))
             return [progress_html(failed, board), board.say("failed", error=str(err)), "", loss_frame([]),
-                    gr.Timer(active=False), gr.update()]
+                    gr.Timer(active=False), gr.update(), gr.update()]
         write_text_atomic(command.config_path, command.yaml_text)
         board.job = TrainJob(command.argv, board.ws.root, run_dir, run_dir / "train.log")
         return [*self.views(board.job.status()), command.shown()]
@@ -204,11 +207,14 @@ class TrainHandlers:
         return self.views(self.board.job.status() if self.board.job else JobStatus("idle"))
 
     def views(self, status: JobStatus) -> list[Any]:
-        """The five outputs the tab shows for a job status."""
+        """What the tab shows for a job status: progress, status line, log tail, loss curve, whether to keep
+        polling, and (once a run has ended) the adapter list with the new run in it."""
         import gradio as gr
 
+        ended = status.state in TERMINAL
+        adapters = gr.update(choices=self.board.ws.adapters()) if ended else gr.update()
         return [progress_html(status, self.board), status_line(status, self.board), status.log_tail,
-                loss_frame(status.losses), gr.Timer(active=status.state not in TERMINAL + ("idle",))]
+                loss_frame(status.losses), gr.Timer(active=not ended and status.state != "idle"), adapters]
 
 
 def status_line(status: JobStatus, board: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,15 +64,16 @@ class Workspace:
         if not looks_local:
             return value
         path = self.resolve(value)
-        if within(path, self.models_dir) or within(path, tuneforge_home().resolve()):
+        if within(path, self.models_dir) or within(path, Path(os.path.normpath(tuneforge_home().absolute()))):
             return str(path)
         raise PathRefused(f"model folder '{value}' is outside the web UI's model folder {self.models_dir}; put "
                           "the model there, or give an alias or a hub id")
 
     def resolve(self, value: str | Path) -> Path:
-        """An absolute, normalised path; relative ones are taken from the root."""
+        """An absolute path with '..' removed by its text; relative ones are taken from the root. Symlinks are not
+        followed: one the owner placed in a working folder (models/qwen -> /mnt/models/qwen) is a grant."""
         path = Path(value).expanduser()
-        return (path if path.is_absolute() else self.root / path).resolve()
+        return Path(os.path.normpath(path if path.is_absolute() else self.root / path))
 
     def relative(self, path: Path) -> str:
         """How a path is shown in the UI: relative to the root."""
