@@ -31,69 +31,86 @@ def build(board: Any) -> tuple[Any, list[Any]]:
     and its outputs."""
     import gradio as gr
 
-    from tuneforge.stages import STAGES
-
     with board.block(gr.Tab, "tab_train"):
-        with gr.Row():
-            board.field("stage", gr.Dropdown, choices=STAGES.names(), value="sft", scale=1)
-            board.field("dataset_dir", gr.Textbox, value="data", scale=1)
-            board.field("dataset", gr.Dropdown, choices=actions.dataset_names(board.ws, None), value=[],
-                        multiselect=True, allow_custom_value=True, scale=3)
-            refresh_data = board.button("refresh_datasets", scale=1)
-        with gr.Row():
-            board.field("identity_name", gr.Textbox, value="tuneforge")
-            board.field("identity_author", gr.Textbox, value="the tuneforge team")
-        with board.block(gr.Accordion, "preview_data", open=False):
-            with gr.Row():
-                board.field("page", gr.Number, value=1, precision=0, minimum=1, scale=1)
-                preview = board.button("preview_data", scale=1)
-            summary = gr.Markdown(elem_id="tf-preview-summary")
-            with gr.Row():
-                raw = board.field("raw_rows", gr.JSON)
-                encoded = board.field("encoded_rows", gr.HTML)
+        parts = _data_section(board)
         _hyperparameters(board)
         _method_panels(board)
+        parts.update(_run_section(board))
+        parts["timer"] = gr.Timer(1.0, active=False)
+    return _wire(board, parts)
+
+
+def _data_section(board: Any) -> dict[str, Any]:
+    import gradio as gr
+
+    from tuneforge.stages import STAGES
+
+    with gr.Row():
+        board.field("stage", gr.Dropdown, choices=STAGES.names(), value="sft", scale=1)
+        board.field("dataset_dir", gr.Textbox, value="data", scale=1)
+        board.field("dataset", gr.Dropdown, choices=actions.dataset_names(board.ws, None), value=[],
+                    multiselect=True, allow_custom_value=True, scale=3)
+        refresh = board.button("refresh_datasets", scale=1)
+    with gr.Row():
+        board.field("identity_name", gr.Textbox, value="tuneforge")
+        board.field("identity_author", gr.Textbox, value="the tuneforge team")
+    with board.block(gr.Accordion, "preview_data", open=False):
         with gr.Row():
-            board.field("report_to", gr.CheckboxGroup, choices=["tensorboard", "wandb", "swanlab", "mlflow"],
-                        value=[], scale=2)
-            board.field("output_dir", gr.Textbox, value=default_output_dir, scale=2)
-            board.field("overwrite", gr.Checkbox, value=False, scale=1)
-            board.field("resume", gr.Checkbox, value=False, scale=1)
-        board.field("extra_args", gr.Textbox, lines=2, placeholder="train.weight_decay=0.01")
+            board.field("page", gr.Number, value=1, precision=0, minimum=1, scale=1)
+            preview = board.button("preview_data", scale=1)
+        summary = gr.Markdown(elem_id="tf-preview-summary")
         with gr.Row():
-            preview_cmd = board.button("preview_cmd")
-            board.field("args_file", gr.Textbox, value="my_args.yaml", scale=1)
-            save = board.button("save_args")
-            load = board.button("load_args")
-            plan = board.button("plan")
-            start = board.button("start", variant="primary")
-            abort = board.button("abort", variant="stop")
-        progress = board.field("progress", gr.HTML, value=progress_html(JobStatus("idle"), board))
-        status = board.field("status", gr.Textbox, value=board.say("idle"), interactive=False)
-        board.live.append((status, lambda: status_line(board.job.status() if board.job else JobStatus("idle"),
-                                                       board)))
-        with gr.Row():
-            log = board.field("log", gr.Textbox, lines=14, max_lines=14, interactive=False, autoscroll=True)
-            plot = board.field("loss_plot", gr.LinePlot, x="step", y="loss", value=loss_frame([]))
-        with gr.Row():
-            command = board.field("command", gr.Code, language="yaml", interactive=False, lines=12, max_lines=24)
-            plan_out = board.field("plan_output", gr.Textbox, lines=12, interactive=False)
-        timer = gr.Timer(1.0, active=False)
+            board.field("raw_rows", gr.JSON)
+            board.field("encoded_rows", gr.HTML)
+    return {"refresh_datasets": refresh, "preview_data": preview, "summary": summary}
+
+
+def _run_section(board: Any) -> dict[str, Any]:
+    import gradio as gr
+
+    with gr.Row():
+        board.field("report_to", gr.CheckboxGroup, choices=["tensorboard", "wandb", "swanlab", "mlflow"],
+                    value=[], scale=2)
+        board.field("output_dir", gr.Textbox, value=default_output_dir, scale=2)
+        board.field("overwrite", gr.Checkbox, value=False, scale=1)
+        board.field("resume", gr.Checkbox, value=False, scale=1)
+    board.field("extra_args", gr.Textbox, lines=2, placeholder="train.weight_decay=0.01")
+    buttons = {}
+    with gr.Row():
+        buttons["preview_cmd"] = board.button("preview_cmd")
+        board.field("args_file", gr.Textbox, value="my_args.yaml", scale=1)
+        for key in ("save_args", "load_args", "plan"):
+            buttons[key] = board.button(key)
+        buttons["start"] = board.button("start", variant="primary")
+        buttons["abort"] = board.button("abort", variant="stop")
+    board.field("progress", gr.HTML, value=progress_html(JobStatus("idle"), board))
+    status = board.field("status", gr.Textbox, value=board.say("idle"), interactive=False)
+    board.live.append((status, lambda: status_line(board.job.status() if board.job else JobStatus("idle"), board)))
+    with gr.Row():
+        board.field("log", gr.Textbox, lines=14, max_lines=14, interactive=False, autoscroll=True)
+        board.field("loss_plot", gr.LinePlot, x="step", y="loss", value=loss_frame([]))
+    with gr.Row():
+        board.field("command", gr.Code, language="yaml", interactive=False, lines=12, max_lines=24)
+        board.field("plan_output", gr.Textbox, lines=12, interactive=False)
+    return buttons
+
+
+def _wire(board: Any, parts: dict[str, Any]) -> tuple[Any, list[Any]]:
+    f = board.fields
     keys = ["model", "hub", "method", "adapters", "template", *TRAIN_KEYS]
     form = board.inputs(keys)
     handlers = TrainHandlers(board, keys)
-    refresh_data.click(handlers.refresh_datasets, inputs=board.fields["dataset_dir"],
-                       outputs=board.fields["dataset"])
-    preview.click(handlers.preview, inputs=[*form, board.fields["page"]],
-                  outputs=[raw, encoded, summary, board.fields["page"]])
-    preview_cmd.click(handlers.command, inputs=form, outputs=command)
-    save.click(handlers.save, inputs=[*form, board.fields["args_file"]], outputs=status)
-    load.click(handlers.load, inputs=board.fields["args_file"], outputs=[*form, status])
-    plan.click(handlers.plan, inputs=form, outputs=plan_out)
-    views = [progress, status, log, plot, timer, board.fields["adapters"]]
-    start.click(handlers.start, inputs=form, outputs=[*views, command])
-    abort.click(handlers.abort, outputs=views)
-    timer.tick(handlers.poll, outputs=views)
+    parts["refresh_datasets"].click(handlers.refresh_datasets, inputs=f["dataset_dir"], outputs=f["dataset"])
+    parts["preview_data"].click(handlers.preview, inputs=[*form, f["page"]],
+                                outputs=[f["raw_rows"], f["encoded_rows"], parts["summary"], f["page"]])
+    parts["preview_cmd"].click(handlers.command, inputs=form, outputs=f["command"])
+    parts["save_args"].click(handlers.save, inputs=[*form, f["args_file"]], outputs=f["status"])
+    parts["load_args"].click(handlers.load, inputs=f["args_file"], outputs=[*form, f["status"]])
+    parts["plan"].click(handlers.plan, inputs=form, outputs=f["plan_output"])
+    views = [f["progress"], f["status"], f["log"], f["loss_plot"], parts["timer"], f["adapters"]]
+    parts["start"].click(handlers.start, inputs=form, outputs=[*views, f["command"]])
+    parts["abort"].click(handlers.abort, outputs=views)
+    parts["timer"].tick(handlers.poll, outputs=views)
     return handlers.poll, views
 
 
