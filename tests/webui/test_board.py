@@ -397,12 +397,19 @@ def test_webui_command_defaults_and_environment(monkeypatch):
 
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    from tuneforge.cli.webui_cmd import port_from_env
+
     args = build_parser().parse_args(["webui"])
-    assert (args.host, args.port, args.share, args.root) == ("127.0.0.1", 7860, False, ".")
+    assert (args.host, args.port, args.share, args.root) == ("127.0.0.1", None, False, ".")
+    assert port_from_env() == 7860
     monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
     monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
-    args = build_parser().parse_args(["webui", "--lang", "zh"])
-    assert (args.host, args.port, args.lang) == ("0.0.0.0", 7999, "zh")
+    args = build_parser().parse_args(["webui", "--lang", "zh", "--port", "8001"])
+    assert (args.host, args.port, args.lang, port_from_env()) == ("0.0.0.0", 8001, "zh", 7999)
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "http")
+    with pytest.raises(ConfigError, match="GRADIO_SERVER_PORT='http'"):
+        port_from_env()
+    build_parser().parse_args(["train", "x.yaml"])  # a bad port setting never breaks other commands
 
 
 

@@ -15,8 +15,7 @@ def register(sub: Any) -> None:
                    "configs/, exports/ and models/ (default: the current folder)")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="address to bind (default 127.0.0.1, or GRADIO_SERVER_NAME)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-                   help="port (default 7860, or GRADIO_SERVER_PORT)")
+    p.add_argument("--port", type=int, default=None, help="port (default 7860, or GRADIO_SERVER_PORT)")
     p.add_argument("--share", action="store_true", help="also open a public gradio share link")
     p.add_argument("--auth", default=os.environ.get("TUNEFORGE_WEBUI_AUTH"), metavar="USER:PASSWORD",
                    help="require this login (or TUNEFORGE_WEBUI_AUTH); advised with --share or a non-local --host")
@@ -31,7 +30,7 @@ def cmd_webui(args: argparse.Namespace, overrides: list[str], flags: dict[str, A
     require("gradio", "webui")
     from tuneforge.webui.app import serve
 
-    serve(Path(args.root), args.host, args.port, args.share, args.lang, parse_auth(args.auth))
+    serve(Path(args.root), args.host, args.port or port_from_env(), args.share, args.lang, parse_auth(args.auth))
     return 0
 
 
@@ -45,3 +44,13 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     if not sep or not user or not password:
         raise ConfigError("--auth takes USER:PASSWORD (both non-empty)")
     return user, password
+
+
+def port_from_env() -> int:
+    """GRADIO_SERVER_PORT, or 7860."""
+    from tuneforge.errors import ConfigError
+
+    value = os.environ.get("GRADIO_SERVER_PORT", "7860")
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ConfigError(f"GRADIO_SERVER_PORT={value!r} is not a port number (1-65535)")
+    return int(value)
