@@ -26,10 +26,12 @@ def board_url(workspace):
     """The board served in-process on a free loopback port."""
     from tuneforge.webui.app import create_app, launch
 
-    demo, _ = create_app(workspace)
+    demo, board = create_app(workspace)
     port = free_port()
     launch(demo, workspace, "127.0.0.1", port)
     yield f"http://127.0.0.1:{port}"
+    if board.job is not None:  # never leave a training child behind a failed test
+        board.job.abort()
     demo.close()
 
 
@@ -99,8 +101,8 @@ def test_board_end_to_end(page, workspace, shots):
     page.click("#tf-preview_data-panel")
     page.click("#tf-preview_data")
     page.wait_for_selector("#tf-encoded_rows mark.trained")
-    assert "identity" in page.inner_text("#tf-preview-summary") or "raw rows" in page.inner_text(
-        "#tf-preview-summary")
+    assert "64 raw rows" in page.inner_text("#tf-preview-summary")  # the built-in identity set
+    assert page.locator("#tf-encoded_rows .tf-row").count() == 5  # one page
 
     # a short run: the progress bar and the loss plot update while it runs, then it finishes
     for key, value in {"max_steps": "30", "logging_steps": "1", "cutoff_len": "64", "max_samples": "8",
@@ -183,6 +185,8 @@ def test_board_end_to_end(page, workspace, shots):
 
 
 def test_a_run_survives_a_reload_and_aborts(page, workspace, board_url):
+    choose(page, "lang", "中文")
+    page.wait_for_selector("#tf-title:has-text('看板')")
     choose(page, "model", "models/tiny")
     choose(page, "template", "chatml")
     choose(page, "dataset", "identity")
@@ -191,12 +195,15 @@ def test_a_run_survives_a_reload_and_aborts(page, workspace, board_url):
         fill(page, key, value)
     page.click("#tf-start")
     page.wait_for_selector("#tf-progress-state[data-state='running']", timeout=120_000)
-    page.reload()  # the page reconnects to the run in progress
+    page.reload()  # the page reconnects to the run in progress, in the language chosen before
     page.wait_for_selector("#tf-progress-state[data-state='running']", timeout=30_000)
+    page.wait_for_selector("#tf-title:has-text('看板')")
+    page.wait_for_function("document.querySelector('#tf-status textarea, #tf-status input').value"
+                           ".startsWith('训练中')")
     step = int(page.get_attribute("#tf-progress-state", "data-step"))
     page.wait_for_function(f"Number(document.querySelector('#tf-progress-state').dataset.step) > {step}")
     page.click("#tf-abort")
     page.wait_for_selector("#tf-progress-state[data-state='aborted']", timeout=60_000)
-    assert text_of(page, "status").startswith("Aborted")
+    assert text_of(page, "status").startswith("已中断")
     checkpoints = list((workspace.runs_dir / "long" / "checkpoints").glob("step-*"))
     assert checkpoints, "Abort saves a checkpoint, as Ctrl-C does"

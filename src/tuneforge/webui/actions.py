@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import html
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuneforge.config import RunConfig, load_tree
-from tuneforge.webui.form import build_config, config_tree
-from tuneforge.webui.workspace import Workspace
+from tuneforge.webui.form import build_config, config_tree, confine
+from tuneforge.webui.workspace import PathRefused, Workspace
 
 PAGE_SIZE = 5
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+TASK_NAME = re.compile(r"[\w-]+(\.[\w-]+)*")  # a folder name, never a path
 PLAN_TIMEOUT_S = 600
 
 
@@ -24,7 +27,7 @@ class DataPreview:
     encoded_html: str
     page: int
     pages: int
-    summary: str
+    counts: dict[str, Any]  # raw, encoded, template, truncated, dropped: the summary line's fields
 
 
 def dataset_names(ws: Workspace, dataset_dir: str | None) -> list[str]:
@@ -35,14 +38,15 @@ def dataset_names(ws: Workspace, dataset_dir: str | None) -> list[str]:
     return sorted(load_catalog(folder))
 
 
-def preview_data(values: dict[str, Any], ws: Workspace, page: int) -> DataPreview:
-    """One page of encoded training rows (trained text marked) beside the raw rows they came from."""
+def preview_data(values: dict[str, Any], ws: Workspace, page: int, head: str = "") -> DataPreview:
+    """One page of encoded training rows (trained text marked) beside the raw rows they came from; `head` is the
+    format of each row's heading (default: ROW_HEAD)."""
     from tuneforge.data.build import build_datasets
     from tuneforge.data.catalog import get_spec, load_catalog
     from tuneforge.data.readers import read_rows
 
     cfg = build_config(values, ws)
-    check_dataset_files(cfg, ws)
+    check_datasets(cfg, ws, training_datasets(cfg))
     catalog = load_catalog(cfg.data.dataset_dir, cfg.data.inline)
     raw = [r for name in cfg.data.dataset for r in read_rows(get_spec(catalog, name, cfg.data.dataset_dir))]
     template = _template(cfg)
@@ -54,13 +58,16 @@ def preview_data(values: dict[str, Any], ws: Workspace, page: int) -> DataPrevie
     by_origin = {r.origin: r for r in raw}
     sources = [by_origin[row["origin"]] for row in rows if row.get("origin") in by_origin] or raw[lo:hi]
     report = encoded.report
-    summary = (f"{len(raw)} raw rows, {len(encoded.train)} encoded training rows | template {template.name} | "
-               f"truncated {len(report.truncated)} | dropped {len(report.dropped)}")
+    counts = {"raw": len(raw), "encoded": len(encoded.train), "template": template.name,
+              "truncated": len(report.truncated), "dropped": len(report.dropped)}
     return DataPreview([{"origin": r.origin, **r.data} for r in sources],
-                       "".join(encoded_html(row, template.tokenizer) for row in rows), page, pages, summary)
+                       "".join(encoded_html(row, template.tokenizer, head) for row in rows), page, pages, counts)
 
 
-def encoded_html(row: dict[str, Any], tokenizer: Any) -> str:
+ROW_HEAD = "{origin} [{part}: {tokens} tokens, {trained} trained]"
+
+
+def encoded_html(row: dict[str, Any], tokenizer: Any, head_format: str = "") -> str:
     """One encoded row as HTML: trained text in <mark class="trained">, masked context plain."""
     from tuneforge.data.encode import IGNORE_INDEX, trained_spans
 
@@ -70,8 +77,8 @@ def encoded_html(row: dict[str, Any], tokenizer: Any) -> str:
     for ids_key, labels_key in keys:
         ids, labels = row[ids_key], row[labels_key]
         trained = sum(1 for t in labels if t != IGNORE_INDEX)
-        head = f"{row.get('origin', '')} [{ids_key.split('_')[0] if len(keys) > 1 else 'row'}: {len(ids)} tokens, " \
-               f"{trained} trained]"
+        head = (head_format or ROW_HEAD).format(origin=row.get("origin", ""), tokens=len(ids), trained=trained,
+                                                 part=ids_key.split("_")[0] if len(keys) > 1 else "row")
         body = "".join(f'<mark class="trained">{html.escape(tokenizer.decode(t))}</mark>' if is_trained
                        else html.escape(tokenizer.decode(t)) for is_trained, t in trained_spans(ids, labels))
         parts.append(f'<div class="tf-row"><div class="tf-row-head">{html.escape(head)}</div>'
@@ -135,12 +142,17 @@ def evaluate(values: dict[str, Any], ev: dict[str, Any], ws: Workspace) -> tuple
                     "batch_size": ev.get("eval_batch") or 4, "task": ev.get("eval_task") or "mmlu_demo"}
     tree["generation"] = {"max_new_tokens": ev.get("eval_max_new_tokens") or 128,
                           "temperature": ev.get("eval_temperature") or 0.0, "top_p": ev.get("eval_top_p") or 1.0}
+    if not TASK_NAME.fullmatch(tree["eval"]["task"]):
+        raise PathRefused(f"benchmark '{tree['eval']['task']}' must be a task name such as mmlu_demo, not a path")
+    confine(tree, ws)
     cfg = load_tree(tree, "web UI evaluate tab")
+    check_datasets(cfg, ws, cfg.data.eval_dataset or cfg.data.dataset)
     results = run_evaluate(cfg, compare_base=bool(ev.get("compare_base")) and bool(cfg.model.adapter_path))
     names = list(results)
     table = [[metric, *[round(v.get(n, float("nan")), 4) for n in names]] for metric, v in metric_rows(results)]
-    files = [str(p) for p in sorted(out.iterdir()) if p.suffix in (".jsonl", ".md", ".json")]
-    return [["metric", *names], *table], files, out
+    written = [out / "results.json", out / "report.md"]
+    written += [Path(results[n]["predict"]["file"]) for n in names if "predict" in results[n]]
+    return [["metric", *names], *table], [str(p) for p in written], out
 
 
 def export(values: dict[str, Any], ex: dict[str, Any], ws: Workspace) -> tuple[Any, list[list[Any]]]:
@@ -154,29 +166,40 @@ def export(values: dict[str, Any], ex: dict[str, Any], ws: Workspace) -> tuple[A
                       "dtype": ex.get("export_dtype") or "auto", "modelfile": bool(ex.get("modelfile")),
                       "gguf": list(ex.get("gguf") or []), "verify": bool(ex.get("verify")),
                       "overwrite": bool(ex.get("export_overwrite"))}
+    confine(tree, ws)
     report = run_export(load_tree(tree, "web UI export tab"))
     rows = [[c.artifact, f"{c.max_abs_diff:.3g}", f"{c.greedy_agreement:.0%}", c.tolerance, c.passed]
             for c in report.checks]
     return report, rows
 
 
-def check_dataset_files(cfg: RunConfig, ws: Workspace) -> None:
-    """Before a launch or preview: every chosen dataset is registered, and a local file exists and lies in the
-    dataset folder (or is a built-in one)."""
+def check_datasets(cfg: RunConfig, ws: Workspace, names: list[str]) -> None:
+    """Before a run, preview or evaluation: each dataset is registered; a local file exists and lies in the
+    dataset folder (or is a built-in one); a hub dataset is named by an id, not a local path."""
     from tuneforge.data.catalog import BUILTIN_DIR, get_spec, load_catalog
     from tuneforge.errors import DataError
     from tuneforge.webui.workspace import within
 
-    if not cfg.data.dataset:
-        raise DataError("choose at least one dataset (Train tab: Datasets)")
     catalog = load_catalog(cfg.data.dataset_dir, cfg.data.inline)
-    for name in cfg.data.dataset:
+    for name in names:
         spec = get_spec(catalog, name, cfg.data.dataset_dir)
         if spec.source != "file":
+            if not HUB_ID.fullmatch(spec.location) or ws.resolve(spec.location).exists():
+                raise PathRefused(f"dataset '{name}': '{spec.location}' is not a hub id (owner/name); the web UI "
+                                  "reads local data only from its dataset folder")
             continue
-        location = Path(spec.location).resolve()
+        location = ws.resolve(spec.location)
         if not within(location, BUILTIN_DIR.resolve()):
             ws.inside(location, ws.data_dir, f"dataset '{name}' file")
         if not location.exists():
             raise DataError(f"dataset '{name}': file not found: {spec.location}. Check file_name in "
                             f"{spec.defined_in or 'dataset_info.json'} or put the file there")
+
+
+def training_datasets(cfg: RunConfig) -> list[str]:
+    """The training and validation datasets of a run (at least one training dataset)."""
+    from tuneforge.errors import DataError
+
+    if not cfg.data.dataset:
+        raise DataError("choose at least one dataset (Train tab: Datasets)")
+    return [*cfg.data.dataset, *cfg.data.eval_dataset]

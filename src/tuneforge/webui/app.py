@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.webui.chat import ChatSession
 from tuneforge.webui.i18n import LANGUAGES, message, text
 from tuneforge.webui.runner import TrainJob
 from tuneforge.webui.workspace import Workspace
 
+log = logging.getLogger(__name__)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page must not call out to the internet
 
 CSS = """
@@ -81,7 +84,11 @@ class Board:
         return message(key, self.lang, **fields)
 
     def error(self, err: Exception) -> str:
-        """A user error as one line in the current language."""
+        """Any failure as one line in the current language; a non-user error is also logged with its traceback
+        (on the server's console) since it is a bug or an environment problem, not a setting to fix."""
+        if not isinstance(err, TuneforgeError):
+            log.error("web UI handler failed", exc_info=err)
+            err = TuneforgeError(f"unexpected {type(err).__name__}: {err}")
         return message("error", self.lang, error=str(err))
 
 
@@ -110,6 +117,8 @@ def create_app(ws: Workspace, lang: str = "en") -> tuple[Any, Board]:
         translated = [c for c, _, _ in board.translated] + [c for c, _ in board.live]
         lang_box.change(board.relabel, inputs=lang_box, outputs=translated)
         demo.load(on_load, outputs=views)
+        # The page is built in the starting language; a reload shows the language chosen since.
+        demo.load(lambda: [board.lang, *board.relabel(board.lang)], outputs=[lang_box, *translated])
     return demo, board
 
 
@@ -127,7 +136,8 @@ def top_bar(board: Board) -> None:
                     allow_custom_value=True, scale=3)
         board.field("hub", gr.Dropdown, choices=["auto", "huggingface", "modelscope"], value="auto", scale=1)
         board.field("method", gr.Dropdown, choices=list(METHODS), value="lora", scale=1)
-        board.field("template", gr.Dropdown, choices=template_names(), value="auto", scale=1)
+        board.field("template", gr.Dropdown, choices=template_names(), value="auto", allow_custom_value=True,
+                    scale=1)
     with gr.Row():
         adapters = board.field("adapters", gr.Dropdown, choices=ws.adapters(), value=[], multiselect=True,
                                allow_custom_value=True, scale=4)
@@ -138,17 +148,26 @@ def top_bar(board: Board) -> None:
 def serve(root: Path, host: str, port: int, share: bool, lang: str, auth: tuple[str, str] | None = None) -> None:
     """Build the board over `root` and serve it until interrupted."""
     ws = Workspace.at(root)
-    demo, _ = create_app(ws, lang)
+    demo, board = create_app(ws, lang)
     if (share or host not in ("127.0.0.1", "localhost", "::1")) and auth is None:
         print(f"warning: the board is reachable beyond this machine ({'share link' if share else host}) without "
               "a login; anyone who reaches it can train and read your working folder. Add --auth USER:PASSWORD.")
     print(f"tuneforge board on http://{host}:{port} (working folder {ws.root})")
-    launch(demo, ws, host, port, share, block=True, auth=auth)
+    try:
+        launch(demo, ws, host, port, share, block=True, auth=auth)
+    finally:
+        if board.job is not None and board.job.running:
+            print("stopping the training run (a checkpoint is saved) ...")
+            board.job.abort()
 
 
 def launch(demo: Any, ws: Workspace, host: str, port: int, share: bool = False, block: bool = False,
            auth: tuple[str, str] | None = None) -> Any:
     """Start serving; with block=False it returns at once (tests drive the page from a browser)."""
-    return demo.queue().launch(server_name=host, server_port=port, share=share, css=CSS, quiet=not block,
-                               allowed_paths=[str(ws.root)], footer_links=[], show_error=True,
-                               prevent_thread_lock=not block, auth=auth)
+    # Only the runs folder is served as files (the Evaluate tab links its predictions and report there).
+    try:
+        return demo.queue().launch(server_name=host, server_port=port, share=share, css=CSS, quiet=not block,
+                                   allowed_paths=[str(ws.runs_dir)], footer_links=[], show_error=True,
+                                   prevent_thread_lock=not block, auth=auth)
+    except OSError as err:
+        raise ConfigError(f"cannot serve on {host}:{port} ({err}); choose another --port or --host") from None

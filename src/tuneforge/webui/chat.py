@@ -20,11 +20,11 @@ class ChatSession:
 
     def __init__(self) -> None:
         self.engine: Any = None
-        self.description = ""
+        self.description: dict[str, str] = {}  # model, adapters, template of what is loaded
         self._lock = threading.Lock()
 
-    def load(self, values: dict[str, Any], ws: Workspace) -> str:
-        """Load the top bar's model, adapters and template; returns what was loaded."""
+    def load(self, values: dict[str, Any], ws: Workspace) -> dict[str, str]:
+        """Load the top bar's model, adapters and template; returns what was loaded (model, adapters, template)."""
         from tuneforge.chat.engine import load_engine
         from tuneforge.webui.actions import top_tree
 
@@ -34,17 +34,13 @@ class ChatSession:
             self.engine = load_engine(cfg.model, cfg.data.template)
             adapters = ", ".join(self.engine.adapters) or "-"
             model = ws.relative(Path(cfg.model.path)) if Path(cfg.model.path).is_absolute() else cfg.model.path
-            self.description = f"{model} | adapters: {adapters} | template {self.engine.template.name}"
+            self.description = {"model": model, "adapters": adapters, "template": self.engine.template.name}
         return self.description
 
     def unload(self) -> None:
         """Drop the model from memory."""
         with self._lock:
-            self.engine, self.description = None, ""
-
-    @property
-    def has_adapter(self) -> bool:
-        return self.engine is not None and self.engine.has_adapter
+            self.engine, self.description = None, {}
 
     def stream(self, history: History, gen: GenerationConfig, adapter: bool) -> Iterator[str]:
         """The growing answer to the conversation so far (its last message is the user's)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,7 @@ def config_tree(values: dict[str, Any], ws: Workspace) -> dict[str, Any]:
 def confine(tree: dict[str, Any], ws: Workspace) -> None:
     """Resolve every path setting in the tree, refusing one outside the folder the web UI keeps it in."""
     folders = {"output.dir": ws.runs_dir, "output.logging_dir": ws.runs_dir, "data.dataset_dir": ws.data_dir,
-               "data.cache_dir": ws.root, "model.cache_dir": ws.models_dir, "eval.dir": ws.runs_dir,
+               "data.cache_dir": ws.data_dir, "model.cache_dir": ws.models_dir, "eval.dir": ws.runs_dir,
                "eval.task_dir": ws.data_dir, "export.dir": ws.exports_dir}
     for dotted, folder in folders.items():
         value = _lookup(tree, dotted)
@@ -162,8 +163,40 @@ def form_values(cfg: RunConfig, ws: Workspace) -> dict[str, Any]:
     values["output_dir"] = _shown(cfg.output.dir, ws)
     values["resume"] = cfg.train.resume_from_checkpoint is not None
     values["packing"] = {None: "auto", True: "true", False: "false"}[cfg.data.packing]
-    values["extra_args"] = ""
+    values["extra_args"] = "\n".join(extra_lines(cfg, values))
     return values
+
+
+# Settings the form's own fields hold; everything else a loaded config sets goes to the Extra settings box.
+FORM_PATHS = {*SIMPLE.values(), *LORA.values(), *QUANT.values(), *FREEZE.values(), "model.path",
+              "finetune.method", "model.quantization_bit", "finetune.lora.alpha", "finetune.lora.targets",
+              "finetune.freeze.trainable_modules", "model.adapter_path", "data.dataset_dir", "data.dataset",
+              "output.dir", "data.packing", "train.resume_from_checkpoint"}
+
+
+def extra_lines(cfg: RunConfig, values: dict[str, Any]) -> list[str]:
+    """`key=value` lines for the settings of `cfg` the form has no field for and that differ from the default,
+    so Load args followed by Start trains exactly what was saved."""
+    from tuneforge.config.typed import to_dict
+
+    lines = []
+    defaults = _flatten(to_dict(RunConfig()))
+    for dotted, value in _flatten(to_dict(cfg)).items():
+        if dotted not in FORM_PATHS and value != defaults.get(dotted):
+            lines.append(f"{dotted}={json.dumps(value, ensure_ascii=False)}")
+    if cfg.train.resume_from_checkpoint not in (None, "auto"):
+        lines.append(f"train.resume_from_checkpoint={json.dumps(cfg.train.resume_from_checkpoint)}")
+    return lines
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "inline":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:

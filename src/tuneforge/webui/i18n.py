@@ -150,6 +150,14 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "eval_done": ("Evaluation written to {folder}", "评估结果已写入 {folder}"),
     "error": ("Error: {error}", "错误：{error}"),
     "files": ("files: {files}", "文件：{files}"),
+    "eta": ("ETA {eta}", "剩余 {eta}"),
+    "preview_summary": ("{raw} raw rows, {encoded} encoded training rows | template {template} | truncated "
+                        "{truncated} | dropped {dropped} | page {page} / {pages}",
+                        "原始数据 {raw} 条，编码后训练数据 {encoded} 条 | 模板 {template} | 截断 {truncated} 条 | "
+                        "丢弃 {dropped} 条 | 第 {page} / {pages} 页"),
+    "row_head": ("{origin} [{part}: {tokens} tokens, {trained} trained]",
+                 "{origin} [{part}：{tokens} 个 token，其中 {trained} 个参与训练]"),
+    "model_desc": ("{model} | adapters: {adapters} | template {template}", "{model} | 适配器：{adapters} | 模板 {template}"),
 }
 
 

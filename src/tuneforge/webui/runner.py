@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ABORT_GRACE_S = 30  # SIGINT lets the run save a checkpoint; after this it is killed
+ABORT_GRACE_S = 120  # SIGINT lets the run save a checkpoint (large for a full fine-tune); then it is killed
 LOG_TAIL_LINES = 40
+PLOT_POINTS = 400
 
 
 @dataclass
@@ -37,6 +38,8 @@ class TrainJob:
     def __init__(self, argv: list[str], cwd: Path, run_dir: Path, log_path: Path) -> None:
         self.run_dir, self.log_path = run_dir, log_path
         self.aborted = False
+        self.metrics: list[dict[str, Any]] = []  # read so far; each poll reads only what was appended
+        self._offset = 0
         log_path.parent.mkdir(parents=True, exist_ok=True)
         # Unbuffered output for a live log tail; tables drawn for a narrow terminal fit the log box.
         env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="96")
@@ -56,17 +59,34 @@ class TrainJob:
         self.process.send_signal(signal.SIGINT)
         try:
             self.process.wait(ABORT_GRACE_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        except subprocess.TimeoutExpired:  # its own session: kill the whole group (workers included)
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+    def _read_new_metrics(self) -> None:
+        """Parse the complete lines appended to metrics.jsonl since the last poll (a half-written one waits)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        with open(path, "rb") as handle:
+            handle.seek(self._offset)
+            chunk = handle.read()
+        complete = chunk[:chunk.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            try:
+                self.metrics.append(json.loads(line))
+            except ValueError:  # not a record (never written by the loop); skip it rather than stop showing
+                continue
 
     def status(self) -> JobStatus:
         """The current state read from the process, metrics.jsonl, manifest.json and the log."""
         code = self.process.poll()
-        metrics = [m for m in read_metrics_so_far(self.run_dir / "metrics.jsonl") if "loss" in m]
+        self._read_new_metrics()
+        metrics = [m for m in self.metrics if "loss" in m]
         tail = log_tail(self.log_path)
         status = JobStatus("running" if metrics else "starting", run_dir=str(self.run_dir), log_tail=tail,
-                           losses=[{"step": m["step"], "loss": m["loss"]} for m in metrics])
+                           losses=thin([{"step": m["step"], "loss": m["loss"]} for m in metrics]))
         status.total = planned_steps(self.run_dir)
         if metrics:
             status.step, status.loss, status.eta = metrics[-1]["step"], metrics[-1]["loss"], metrics[-1].get("eta")
@@ -81,17 +101,12 @@ class TrainJob:
         return status
 
 
-def read_metrics_so_far(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of a metrics.jsonl that is still being written (a half-written last line is skipped)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
+def thin(points: list[dict[str, Any]], most: int = PLOT_POINTS) -> list[dict[str, Any]]:
+    """At most `most` evenly spaced points (the last one always kept), so a long run's plot stays light."""
+    if len(points) <= most:
+        return points
+    stride = -(-len(points) // most)
+    return points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
 
 
 def planned_steps(run_dir: Path) -> int:

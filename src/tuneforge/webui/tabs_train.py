@@ -46,7 +46,8 @@ def _data_section(board: Any) -> dict[str, Any]:
     from tuneforge.stages import STAGES
 
     with gr.Row():
-        board.field("stage", gr.Dropdown, choices=STAGES.names(), value="sft", scale=1)
+        # custom values: a loaded config may name a stage that is planned but not built; the run then says so
+        board.field("stage", gr.Dropdown, choices=STAGES.names(), value="sft", allow_custom_value=True, scale=1)
         board.field("dataset_dir", gr.Textbox, value="data", scale=1)
         board.field("dataset", gr.Dropdown, choices=actions.dataset_names(board.ws, None), value=[],
                     multiselect=True, allow_custom_value=True, scale=3)
@@ -124,41 +125,35 @@ class TrainHandlers:
         """Re-read the dataset folder's dataset_info.json."""
         import gradio as gr
 
-        from tuneforge.errors import TuneforgeError
-
         try:
             return gr.update(choices=actions.dataset_names(self.board.ws, dataset_dir))
-        except TuneforgeError as err:  # a bad folder is reported; the dropdown stays as it was
+        except Exception as err:  # shown in the page (Board.error); the dropdown stays as it was
             gr.Warning(self.board.error(err))
             return gr.update()
 
     def preview(self, *args: Any) -> tuple[Any, str, str, int]:
         """One page of raw and encoded rows."""
-        from tuneforge.errors import TuneforgeError
-
         values, page = self.board.values(self.keys, args[:-1]), args[-1]
         try:
-            shown = actions.preview_data(values, self.board.ws, page)
-        except TuneforgeError as err:
+            shown = actions.preview_data(values, self.board.ws, page, self.board.say("row_head", origin="{origin}",
+                                         part="{part}", tokens="{tokens}", trained="{trained}"))
+        except Exception as err:  # shown in the page, never a traceback (Board.error)
             return [], "", self.board.error(err), page
-        return shown.raw, shown.encoded_html, f"{shown.summary} | page {shown.page} / {shown.pages}", shown.page
+        summary = self.board.say("preview_summary", page=shown.page, pages=shown.pages, **shown.counts)
+        return shown.raw, shown.encoded_html, summary, shown.page
 
     def command(self, *args: Any) -> str:
         """The exact YAML and command Start would run."""
-        from tuneforge.errors import TuneforgeError
-
         try:
             return train_command(self.board.values(self.keys, args), self.board.ws).shown()
-        except TuneforgeError as err:
+        except Exception as err:  # shown in the page, never a traceback (Board.error)
             return f"# {self.board.error(err)}"
 
     def save(self, *args: Any) -> str:
         """Write the form as YAML into the config folder."""
-        from tuneforge.errors import TuneforgeError
-
         try:
             path = save_args(self.board.values(self.keys, args[:-1]), self.board.ws, args[-1])
-        except TuneforgeError as err:
+        except Exception as err:  # shown in the page, never a traceback (Board.error)
             return self.board.error(err)
         return self.board.say("saved", path=self.board.ws.relative(path))
 
@@ -166,31 +161,28 @@ class TrainHandlers:
         """Fill the form from a YAML in the config folder."""
         import gradio as gr
 
-        from tuneforge.errors import TuneforgeError
-
         try:
             values = load_args(self.board.ws, file_name)
-        except TuneforgeError as err:
+        except Exception as err:  # shown in the page, never a traceback (Board.error)
             return [gr.update() for _ in self.keys] + [self.board.error(err)]
         updates = [gr.update(value=values[k]) if k in values else gr.update() for k in self.keys]
         return updates + [self.board.say("loaded", path=file_name)]
 
     def plan(self, *args: Any) -> str:
         """The plan (steps, memory, time) from a child `tuneforge train --plan`."""
-        from tuneforge.errors import TuneforgeError
-
+        if self.board.job is not None and self.board.job.running:
+            return self.board.say("busy")  # its two measured steps would compete with the run (and skew both)
         try:
             command = train_command(self.board.values(self.keys, args), self.board.ws)
             write_text_atomic(command.config_path, command.yaml_text)
             return actions.plan(command.argv, self.board.ws.root)
-        except TuneforgeError as err:
+        except Exception as err:  # shown in the page, never a traceback (Board.error)
             return self.board.error(err)
 
     def start(self, *args: Any) -> list[Any]:
         """Write the YAML, launch the child process, and start polling."""
         import gradio as gr
 
-        from tuneforge.errors import TuneforgeError
         from tuneforge.run import prepare_run_dir
 
         board = self.board
@@ -201,9 +193,9 @@ class TrainHandlers:
             values = board.values(self.keys, args)
             command = train_command(values, board.ws)
             cfg = build_config(values, board.ws)
-            actions.check_dataset_files(cfg, board.ws)
+            actions.check_datasets(cfg, board.ws, actions.training_datasets(cfg))
             run_dir = prepare_run_dir(cfg.output, cfg.train, plan_only=False, main=True)
-        except TuneforgeError as err:
+        except Exception as err:  # shown in the page, never a traceback (Board.error)
             failed = JobStatus("failed", error=str(err))
             return [progress_html(failed, board), board.say("failed", error=str(err)), "", loss_frame([]),
                     gr.Timer(active=False), gr.update(), gr.update()]
@@ -250,7 +242,7 @@ def progress_html(status: JobStatus, board: Any) -> str:
     """A progress bar with step count and ETA; data attributes let tests read the state."""
     share = 100 * status.step / status.total if status.total else (100 if status.state == "finished" else 0)
     eta = format_seconds(status.eta) if status.eta is not None and status.state == "running" else ""
-    label = f"{status.step} / {status.total or '?'}" + (f" · ETA {eta}" if eta else "")
+    label = f"{status.step} / {status.total or '?'}" + (f" · {board.say('eta', eta=eta)}" if eta else "")
     return (f'<div id="tf-progress-state" data-state="{status.state}" data-step="{status.step}" '
             f'data-total="{status.total}"><div id="tf-progress-bar"><div id="tf-progress-fill" '
             f'style="width:{share:.1f}%"></div></div><span>{html.escape(label)}</span></div>')

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneforge.errors import TuneforgeError
 from tuneforge.webui import actions
 from tuneforge.webui.chat import generation, respond
 
@@ -49,7 +48,7 @@ def build_eval(board: Any) -> None:
         shown.clear()
         try:
             shown["rows"], written, shown["folder"] = actions.evaluate(values, values, board.ws)
-        except TuneforgeError as err:
+        except Exception as err:  # shown in the page, never a traceback (Board.error)
             return None, None, board.error(err)
         return metric_frame(shown["rows"], board), written, done_note()
 
@@ -80,7 +79,7 @@ def build_chat(board: Any) -> None:
             unload = board.button("unload_model")
             state = board.field("model_status", gr.Textbox, value=board.say("model_unloaded"), interactive=False,
                                 scale=3)
-            board.live.append((state, lambda: board.say("model_loaded", model=board.chat.description)
+            board.live.append((state, lambda: board.say("model_loaded", model=board.say("model_desc", **board.chat.description))
                                if board.chat.engine is not None else board.say("model_unloaded")))
         with gr.Row():
             system = board.field("system_prompt", gr.Textbox, scale=3)
@@ -101,9 +100,9 @@ def build_chat(board: Any) -> None:
     def on_load(*args: Any) -> str:
         try:
             description = board.chat.load(board.values(keys, args), board.ws)
-        except TuneforgeError as err:
+        except Exception as err:  # shown in the page, never a traceback (Board.error)
             return board.error(err)
-        return board.say("model_loaded", model=description)
+        return board.say("model_loaded", model=board.say("model_desc", **description))
 
     def on_unload() -> str:
         board.chat.unload()
@@ -118,9 +117,12 @@ def build_chat(board: Any) -> None:
             yield tuned_history, base_history, message, gr.update()
             return
         gen = generation(system_prompt, temp, p, new_tokens)
-        for tuned_now, base_now in respond(board.chat, message, tuned_history or [], base_history or [], gen,
-                                           side_by_side):
-            yield tuned_now, base_now, "", gr.update()
+        try:
+            for tuned_now, base_now in respond(board.chat, message, tuned_history or [], base_history or [], gen,
+                                               side_by_side):
+                yield tuned_now, base_now, "", gr.update()
+        except Exception as err:  # e.g. unloaded meanwhile, or out of memory: one line in the status box
+            yield tuned_history, base_history, message, board.error(err)
 
     load.click(on_load, inputs=board.inputs(keys), outputs=state)
     unload.click(on_unload, outputs=state)
@@ -166,7 +168,7 @@ def build_export(board: Any) -> None:
         try:
             shown["report"], shown["rows"] = actions.export(board.values(keys, args), board.values(keys, args),
                                                             board.ws)
-        except TuneforgeError as err:
+        except Exception as err:  # shown in the page, never a traceback (Board.error)
             return board.error(err), check_frame([], board)
         return summary(), check_frame(shown["rows"], board)
 

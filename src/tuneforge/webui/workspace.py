@@ -57,17 +57,19 @@ class Workspace:
         return path
 
     def model_path(self, value: str) -> str:
-        """A model alias or hub id passes as is; a local folder must lie in models/ or the tuneforge home."""
+        """A model alias or hub id passes as is; a local folder must lie in models/, runs/, exports/ or the
+        tuneforge home."""
         value = value.strip()
-        looks_local = value.startswith(("/", ".", "~", "models/")) or (self.root / value).exists() or \
+        looks_local = value.startswith(("/", ".", "~", "models/", "runs/", "exports/")) or (self.root / value).exists() or \
             value.count("/") > 1
         if not looks_local:
             return value
         path = self.resolve(value)
-        if within(path, self.models_dir) or within(path, Path(os.path.normpath(tuneforge_home().absolute()))):
+        home = Path(os.path.normpath(tuneforge_home().absolute()))
+        if any(within(path, folder) for folder in (self.models_dir, self.runs_dir, self.exports_dir, home)):
             return str(path)
-        raise PathRefused(f"model folder '{value}' is outside the web UI's model folder {self.models_dir}; put "
-                          "the model there, or give an alias or a hub id")
+        raise PathRefused(f"model folder '{value}' is outside the web UI's folders for models ({self.models_dir}, "
+                          "and runs/ and exports/ for trained ones); put it there, or give an alias or a hub id")
 
     def resolve(self, value: str | Path) -> Path:
         """An absolute path with '..' removed by its text; relative ones are taken from the root. Symlinks are not
