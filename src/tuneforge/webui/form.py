@@ -125,7 +125,9 @@ def train_command(values: dict[str, Any], ws: Workspace) -> Command:
     """Validate the form and describe the exact YAML and `tuneforge train` command Start runs."""
     tree = config_tree(values, ws)
     load_tree(tree, "web UI form")  # refuse a bad setting before anything is written
-    name = Path(tree["output"]["dir"]).name if "output" in tree and "dir" in tree["output"] else "latest"
+    output = Path(tree["output"]["dir"]) if "output" in tree and "dir" in tree["output"] else ws.runs_dir / "latest"
+    # One config per run folder: runs/a/x and runs/b/x get a__x.yaml and b__x.yaml.
+    name = "__".join(output.relative_to(ws.runs_dir).parts) if ws.runs_dir in output.parents else output.name
     path = ws.config_dir / f"{name}.yaml"
     text = yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
     return Command(text, path, [sys.executable, "-m", "tuneforge", "train", str(path)])

@@ -49,6 +49,7 @@ class TrainJob:
 
     @property
     def running(self) -> bool:
+        """Whether the child process is still alive."""
         return self.process.poll() is None
 
     def abort(self) -> None:

@@ -30,22 +30,27 @@ class Workspace:
 
     @property
     def data_dir(self) -> Path:
+        """Datasets and their dataset_info.json."""
         return self.root / "data"
 
     @property
     def runs_dir(self) -> Path:
+        """Run folders (training, evaluation)."""
         return self.root / "runs"
 
     @property
     def config_dir(self) -> Path:
+        """Saved args (YAML) and the configs Start runs."""
         return self.root / "configs"
 
     @property
     def exports_dir(self) -> Path:
+        """Merged and converted models."""
         return self.root / "exports"
 
     @property
     def models_dir(self) -> Path:
+        """Local base models (folders or symlinks to them)."""
         return self.root / "models"
 
     def inside(self, value: str | Path, folder: Path, what: str) -> Path:
