@@ -492,3 +492,14 @@ def test_plan_button_prints_the_plan_or_the_error(board, workspace):
     bad = tiny_values(workspace, output_dir="runs/planned", stage="pt", dataset=["mini"], model="models/nope")
     failed = handlers.plan(*[bad[k] for k in handlers.keys])
     assert failed.startswith("Error:") and "models/nope" in failed and "Traceback" not in failed
+
+
+
+def test_refreshing_datasets_reads_the_folder_again(board, workspace):
+    from tests.conftest import write_json
+    from tuneforge.webui.tabs_train import dataset_choices
+
+    assert "late" not in dataset_choices(board, "data")["choices"]
+    write_json(workspace.data_dir / "dataset_info.json", {"late": {"file_name": "mini.json"}})
+    assert "late" in dataset_choices(board, "data")["choices"]
+    assert dataset_choices(board, "../elsewhere") == {"__type__": "update"}  # refused: the list stays

@@ -33,6 +33,7 @@ class Board:
     def __init__(self, ws: Workspace, lang: str = "en") -> None:
         self.ws, self.lang = ws, lang
         self.fields: dict[str, Any] = {}
+        self.buttons: dict[str, Any] = {}
         self.translated: list[tuple[Any, str, str]] = []  # (component, string key, attribute it shows)
         self.live: list[tuple[Any, Callable[[], str]]] = []  # run-time messages, re-said in a new language
         self.job: TrainJob | None = None
@@ -55,6 +56,7 @@ class Board:
 
         component = gr.Button(self.t(key), elem_id=f"tf-{key}", **kwargs)
         self.translated.append((component, key, "value"))
+        self.buttons[key] = component
         return component
 
     def block(self, factory: Callable[..., Any], key: str, **kwargs: Any) -> Any:
@@ -114,6 +116,10 @@ def create_app(ws: Workspace, lang: str = "en") -> tuple[Any, Board]:
         tabs_use.build_eval(board)
         tabs_use.build_chat(board)
         tabs_use.build_export(board)
+        # the dataset folder's list feeds the Evaluate tab too
+        board.buttons["refresh_datasets"].click(lambda folder: tabs_train.dataset_choices(board, folder),
+                                                inputs=board.fields["dataset_dir"],
+                                                outputs=board.fields["eval_dataset"])
         translated = [c for c, _, _ in board.translated] + [c for c, _ in board.live]
         lang_box.change(board.relabel, inputs=lang_box, outputs=translated)
         demo.load(on_load, outputs=views)

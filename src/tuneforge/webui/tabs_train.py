@@ -123,13 +123,7 @@ class TrainHandlers:
 
     def refresh_datasets(self, dataset_dir: str) -> Any:
         """Re-read the dataset folder's dataset_info.json."""
-        import gradio as gr
-
-        try:
-            return gr.update(choices=actions.dataset_names(self.board.ws, dataset_dir))
-        except Exception as err:  # shown in the page (Board.error); the dropdown stays as it was
-            gr.Warning(self.board.error(err))
-            return gr.update()
+        return dataset_choices(self.board, dataset_dir)
 
     def preview(self, *args: Any) -> tuple[Any, str, str, int]:
         """One page of raw and encoded rows."""
@@ -224,6 +218,17 @@ class TrainHandlers:
         adapters = gr.update(choices=self.board.ws.adapters()) if ended else gr.update()
         return [progress_html(status, self.board), status_line(status, self.board), status.log_tail,
                 loss_frame(status.losses), gr.Timer(active=not ended and status.state != "idle"), adapters]
+
+
+def dataset_choices(board: Any, dataset_dir: str) -> Any:
+    """The dataset dropdown's choices for a folder; a bad folder is a warning and the list stays as it was."""
+    import gradio as gr
+
+    try:
+        return gr.update(choices=actions.dataset_names(board.ws, dataset_dir))
+    except Exception as err:  # shown in the page (Board.error)
+        gr.Warning(board.error(err))
+        return gr.update()
 
 
 def status_line(status: JobStatus, board: Any) -> str:
