@@ -126,6 +126,17 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def flatten(tree: dict[str, Any], leaves: tuple[str, ...] = (), prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: value}; mappings under a key named in `leaves` stay whole values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in leaves:
+            out.update(flatten(value, leaves, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def field_type(cls: type, dotted: str) -> Any:
     """The declared type at a dotted path, raising ConfigError with did-you-mean for an unknown key."""
     tp: Any = cls

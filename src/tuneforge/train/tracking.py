@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tuneforge.config.typed import flatten
 from tuneforge.deps import available
 from tuneforge.errors import ConfigError
 
@@ -99,7 +100,7 @@ class _MLflow:
 
         self.mlflow = mlflow
         mlflow.start_run(run_name=run_dir.name)
-        mlflow.log_params({k: str(v)[:250] for k, v in _flatten(config).items()})
+        mlflow.log_params({k: str(v)[:250] for k, v in flatten(config).items()})
 
     def __call__(self, scalars: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(scalars, step=step)
@@ -120,16 +121,6 @@ class _SwanLab:
 
     def close(self) -> None:
         self.swanlab.finish()
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _open_writer(name: str, logging_dir: Path, run_dir: Path, config: dict[str, Any]) -> Any:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.config import RunConfig, load_tree
-from tuneforge.webui.form import build_config, config_tree, confine
+from tuneforge.webui.form import TOP_KEYS, build_config, config_tree, confine
 from tuneforge.webui.workspace import PathRefused, Workspace
 
 PAGE_SIZE = 5
@@ -42,13 +42,11 @@ def preview_data(values: dict[str, Any], ws: Workspace, page: int, head: str = "
     """One page of encoded training rows (trained text marked) beside the raw rows they came from; `head` is the
     format of each row's heading (default: ROW_HEAD)."""
     from tuneforge.data.build import build_datasets
-    from tuneforge.data.catalog import get_spec, load_catalog
     from tuneforge.data.readers import read_rows
 
     cfg = build_config(values, ws)
-    check_datasets(cfg, ws, training_datasets(cfg))
-    catalog = load_catalog(cfg.data.dataset_dir, cfg.data.inline)
-    raw = [r for name in cfg.data.dataset for r in read_rows(get_spec(catalog, name, cfg.data.dataset_dir))]
+    specs = check_datasets(cfg, ws, training_datasets(cfg))
+    raw = [r for name in cfg.data.dataset for r in read_rows(specs[name])]
     template = _template(cfg)
     encoded = build_datasets(cfg.data, cfg.stage, template, cfg.train.seed)
     pages = max(1, -(-len(encoded.train) // PAGE_SIZE))
@@ -122,7 +120,7 @@ def _template(cfg: RunConfig) -> Any:
 
 def top_tree(values: dict[str, Any], ws: Workspace) -> dict[str, Any]:
     """The config sections the top bar sets (model, method, adapters, template) and the dataset folder."""
-    keep = {k: values.get(k) for k in ("model", "hub", "method", "adapters", "template", "dataset_dir")}
+    keep = {k: values.get(k) for k in (*TOP_KEYS, "dataset_dir")}
     tree = config_tree(keep, ws)
     tree.pop("finetune", None)  # what was trained is fixed by the adapter; eval and export only read it
     return tree
@@ -173,27 +171,28 @@ def export(values: dict[str, Any], ex: dict[str, Any], ws: Workspace) -> tuple[A
     return report, rows
 
 
-def check_datasets(cfg: RunConfig, ws: Workspace, names: list[str]) -> None:
+def check_datasets(cfg: RunConfig, ws: Workspace, names: list[str]) -> dict[str, Any]:
     """Before a run, preview or evaluation: each dataset is registered; a local file exists and lies in the
-    dataset folder (or is a built-in one); a hub dataset is named by an id, not a local path."""
+    dataset folder (or is a built-in one); a hub dataset is named by an id, not a local path. Returns the specs."""
     from tuneforge.data.catalog import BUILTIN_DIR, get_spec, load_catalog
     from tuneforge.errors import DataError
     from tuneforge.webui.workspace import within
 
     catalog = load_catalog(cfg.data.dataset_dir, cfg.data.inline)
-    for name in names:
-        spec = get_spec(catalog, name, cfg.data.dataset_dir)
+    specs = {name: get_spec(catalog, name, cfg.data.dataset_dir) for name in names}
+    for name, spec in specs.items():
         if spec.source != "file":
             if not HUB_ID.fullmatch(spec.location) or ws.resolve(spec.location).exists():
                 raise PathRefused(f"dataset '{name}': '{spec.location}' is not a hub id (owner/name); the web UI "
                                   "reads local data only from its dataset folder")
             continue
         location = ws.resolve(spec.location)
-        if not within(location, BUILTIN_DIR.resolve()):
+        if not within(location, ws.resolve(BUILTIN_DIR)):
             ws.inside(location, ws.data_dir, f"dataset '{name}' file")
         if not location.exists():
             raise DataError(f"dataset '{name}': file not found: {spec.location}. Check file_name in "
                             f"{spec.defined_in or 'dataset_info.json'} or put the file there")
+    return specs
 
 
 def training_datasets(cfg: RunConfig) -> list[str]:

@@ -40,7 +40,7 @@ class Board:
         self.chat = ChatSession()
 
     def t(self, key: str) -> str:
-        """The string in the page's starting language."""
+        """The string in the page's current language."""
         return text(key, self.lang)
 
     def field(self, key: str, factory: Callable[..., Any], label: str | None = None, **kwargs: Any) -> Any:
@@ -92,9 +92,6 @@ class Board:
             log.error("web UI handler failed", exc_info=err)
             err = TuneforgeError(f"unexpected {type(err).__name__}: {err}")
         return message("error", self.lang, error=str(err))
-
-
-TOP_KEYS = ["model", "hub", "method", "adapters", "template"]
 
 
 def create_app(ws: Workspace, lang: str = "en") -> tuple[Any, Board]:

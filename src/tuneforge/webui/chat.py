@@ -33,8 +33,7 @@ class ChatSession:
             self.engine = None  # free the old weights before loading new ones
             self.engine = load_engine(cfg.model, cfg.data.template)
             adapters = ", ".join(self.engine.adapters) or "-"
-            model = ws.relative(Path(cfg.model.path)) if Path(cfg.model.path).is_absolute() else cfg.model.path
-            self.description = {"model": model, "adapters": adapters, "template": self.engine.template.name}
+            self.description = {"model": ws.relative(Path(cfg.model.path)), "adapters": adapters, "template": self.engine.template.name}
         return self.description
 
     def unload(self) -> None:

@@ -15,6 +15,7 @@ from tuneforge.config.load import apply_override
 from tuneforge.webui.workspace import Workspace
 
 METHODS = ("lora", "qlora-4bit", "qlora-8bit", "freeze", "full")
+TOP_KEYS = ["model", "hub", "method", "adapters", "template"]  # the top bar's fields, used by every tab
 PACKING = {"auto": None, "true": True, "false": False}  # auto: on for pt, off for sft
 
 # UI key -> dotted config path, for fields whose value passes through unchanged (None or "" means default).
@@ -50,8 +51,9 @@ FREEZE = {"freeze_layers": "finetune.freeze.trainable_layers"}
 
 @dataclass
 class Command:
-    """What Start runs: the YAML written into the config folder and the argv (no shell)."""
+    """What Start runs: the validated config, its YAML written into the config folder, and the argv (no shell)."""
 
+    config: RunConfig
     yaml_text: str
     config_path: Path
     argv: list[str]
@@ -124,13 +126,13 @@ def build_config(values: dict[str, Any], ws: Workspace) -> RunConfig:
 def train_command(values: dict[str, Any], ws: Workspace) -> Command:
     """Validate the form and describe the exact YAML and `tuneforge train` command Start runs."""
     tree = config_tree(values, ws)
-    load_tree(tree, "web UI form")  # refuse a bad setting before anything is written
+    cfg = load_tree(tree, "web UI form")  # refuse a bad setting before anything is written
     output = Path(tree["output"]["dir"]) if "output" in tree and "dir" in tree["output"] else ws.runs_dir / "latest"
     # One config per run folder: runs/a/x and runs/b/x get a__x.yaml and b__x.yaml.
     name = "__".join(output.relative_to(ws.runs_dir).parts) if ws.runs_dir in output.parents else output.name
     path = ws.config_dir / f"{name}.yaml"
     text = yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
-    return Command(text, path, [sys.executable, "-m", "tuneforge", "train", str(path)])
+    return Command(cfg, text, path, [sys.executable, "-m", "tuneforge", "train", str(path)])
 
 
 def save_args(values: dict[str, Any], ws: Workspace, file_name: str) -> Path:
@@ -155,14 +157,14 @@ def form_values(cfg: RunConfig, ws: Workspace) -> dict[str, Any]:
     values = {key: _get(cfg, dotted) for key, dotted in {**SIMPLE, **LORA, **QUANT, **FREEZE}.items()}
     bits = cfg.model.quantization_bit
     values["method"] = f"qlora-{bits}bit" if bits else cfg.finetune.method
-    values["model"] = _shown(cfg.model.path, ws)
-    values["adapters"] = [_shown(a, ws) for a in cfg.model.adapter_path]
+    values["model"] = ws.relative(Path(cfg.model.path))
+    values["adapters"] = [ws.relative(Path(a)) for a in cfg.model.adapter_path]
     values["lora_alpha"] = cfg.finetune.lora.alpha or 0
     values["lora_targets"] = ", ".join(cfg.finetune.lora.targets)
     values["freeze_modules"] = ", ".join(cfg.finetune.freeze.trainable_modules)
-    values["dataset_dir"] = _shown(cfg.data.dataset_dir, ws)
+    values["dataset_dir"] = ws.relative(Path(cfg.data.dataset_dir))
     values["dataset"] = list(cfg.data.dataset)
-    values["output_dir"] = _shown(cfg.output.dir, ws)
+    values["output_dir"] = ws.relative(Path(cfg.output.dir))
     values["resume"] = cfg.train.resume_from_checkpoint is not None
     values["packing"] = {None: "auto", True: "true", False: "false"}[cfg.data.packing]
     values["extra_args"] = "\n".join(extra_lines(cfg, values))
@@ -179,26 +181,16 @@ FORM_PATHS = {*SIMPLE.values(), *LORA.values(), *QUANT.values(), *FREEZE.values(
 def extra_lines(cfg: RunConfig, values: dict[str, Any]) -> list[str]:
     """`key=value` lines for the settings of `cfg` the form has no field for and that differ from the default,
     so Load args followed by Start trains exactly what was saved."""
-    from tuneforge.config.typed import to_dict
+    from tuneforge.config.typed import flatten, to_dict
 
     lines = []
-    defaults = _flatten(to_dict(RunConfig()))
-    for dotted, value in _flatten(to_dict(cfg)).items():
+    defaults = flatten(to_dict(RunConfig()), leaves=("inline",))
+    for dotted, value in flatten(to_dict(cfg), leaves=("inline",)).items():
         if dotted not in FORM_PATHS and value != defaults.get(dotted):
             lines.append(f"{dotted}={json.dumps(value, ensure_ascii=False)}")
     if cfg.train.resume_from_checkpoint not in (None, "auto"):
         lines.append(f"train.resume_from_checkpoint={json.dumps(cfg.train.resume_from_checkpoint)}")
     return lines
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and key != "inline":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -227,11 +219,6 @@ def _get(cfg: Any, dotted: str) -> Any:
 def _names(text: str | None) -> list[str] | None:
     names = [n.strip() for n in (text or "").split(",") if n.strip()]
     return names or None
-
-
-def _shown(path: str, ws: Workspace) -> str:
-    resolved = Path(path)
-    return ws.relative(resolved) if resolved.is_absolute() else path
 
 
 def _yaml_name(name: str) -> str:

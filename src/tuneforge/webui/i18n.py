@@ -143,7 +143,6 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "model_loaded": ("Loaded: {model}", "已加载：{model}"),
     "model_unloaded": ("No model loaded.", "未加载模型。"),
     "load_first": ("Load a model first.", "请先加载模型。"),
-    "no_datasets": ("Choose at least one dataset.", "请至少选择一个数据集。"),
     "export_passed": ("Export written to {folder}; every check passed.", "已导出到 {folder}，全部验证通过。"),
     "export_failed": ("Export written to {folder}, but a check FAILED.", "已导出到 {folder}，但有验证未通过。"),
     "export_unverified": ("Export written to {folder} (not verified).", "已导出到 {folder}（未验证）。"),

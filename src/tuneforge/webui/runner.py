@@ -40,6 +40,7 @@ class TrainJob:
         self.aborted = False
         self.metrics: list[dict[str, Any]] = []  # read so far; each poll reads only what was appended
         self._offset = 0
+        self.total = 0  # planned steps, read once from the manifest when the run has written it
         log_path.parent.mkdir(parents=True, exist_ok=True)
         # Unbuffered output for a live log tail; tables drawn for a narrow terminal fit the log box.
         env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="96")
@@ -88,7 +89,8 @@ class TrainJob:
         tail = log_tail(self.log_path)
         status = JobStatus("running" if metrics else "starting", run_dir=str(self.run_dir), log_tail=tail,
                            losses=thin([{"step": m["step"], "loss": m["loss"]} for m in metrics]))
-        status.total = planned_steps(self.run_dir)
+        self.total = self.total or planned_steps(self.run_dir)
+        status.total = self.total
         if metrics:
             status.step, status.loss, status.eta = metrics[-1]["step"], metrics[-1]["loss"], metrics[-1].get("eta")
         if code is None:

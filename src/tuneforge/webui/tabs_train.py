@@ -9,7 +9,7 @@ from typing import Any
 from tuneforge.io import write_text_atomic
 from tuneforge.train.plan import format_seconds
 from tuneforge.webui import actions
-from tuneforge.webui.form import build_config, load_args, save_args, train_command
+from tuneforge.webui.form import TOP_KEYS, load_args, save_args, train_command
 from tuneforge.webui.runner import JobStatus, TrainJob
 
 TERMINAL = ("finished", "failed", "aborted")
@@ -98,10 +98,10 @@ def _run_section(board: Any) -> dict[str, Any]:
 
 def _wire(board: Any, parts: dict[str, Any]) -> tuple[Any, list[Any]]:
     f = board.fields
-    keys = ["model", "hub", "method", "adapters", "template", *TRAIN_KEYS]
+    keys = [*TOP_KEYS, *TRAIN_KEYS]
     form = board.inputs(keys)
     handlers = TrainHandlers(board, keys)
-    parts["refresh_datasets"].click(handlers.refresh_datasets, inputs=f["dataset_dir"], outputs=f["dataset"])
+    parts["refresh_datasets"].click(lambda folder: dataset_choices(board, folder), inputs=f["dataset_dir"], outputs=f["dataset"])
     parts["preview_data"].click(handlers.preview, inputs=[*form, f["page"]],
                                 outputs=[f["raw_rows"], f["encoded_rows"], parts["summary"], f["page"]])
     parts["preview_cmd"].click(handlers.command, inputs=form, outputs=f["command"])
@@ -120,10 +120,6 @@ class TrainHandlers:
 
     def __init__(self, board: Any, keys: list[str]) -> None:
         self.board, self.keys = board, keys
-
-    def refresh_datasets(self, dataset_dir: str) -> Any:
-        """Re-read the dataset folder's dataset_info.json."""
-        return dataset_choices(self.board, dataset_dir)
 
     def preview(self, *args: Any) -> tuple[Any, str, str, int]:
         """One page of raw and encoded rows."""
@@ -186,7 +182,7 @@ class TrainHandlers:
         try:
             values = board.values(self.keys, args)
             command = train_command(values, board.ws)
-            cfg = build_config(values, board.ws)
+            cfg = command.config
             actions.check_datasets(cfg, board.ws, actions.training_datasets(cfg))
             run_dir = prepare_run_dir(cfg.output, cfg.train, plan_only=False, main=True)
         except Exception as err:  # shown in the page, never a traceback (Board.error)

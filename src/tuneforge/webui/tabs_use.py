@@ -6,8 +6,9 @@ from typing import Any
 
 from tuneforge.webui import actions
 from tuneforge.webui.chat import generation, respond
+from tuneforge.webui.form import TOP_KEYS
 
-TOP = ["model", "hub", "method", "adapters", "template", "dataset_dir"]
+TOP = [*TOP_KEYS, "dataset_dir"]
 EVAL_KEYS = ["eval_dataset", "eval_modes", "eval_task", "eval_cutoff_len", "eval_max_samples", "eval_batch",
              "eval_max_new_tokens", "eval_temperature", "eval_top_p", "eval_dir", "compare_base"]
 EXPORT_KEYS = ["export_dir", "export_size", "export_dtype", "modelfile", "gguf", "verify", "export_overwrite"]
