@@ -503,3 +503,16 @@ def test_refreshing_datasets_reads_the_folder_again(board, workspace):
     write_json(workspace.data_dir / "dataset_info.json", {"late": {"file_name": "mini.json"}})
     assert "late" in dataset_choices(board, "data")["choices"]
     assert dataset_choices(board, "../elsewhere") == {"__type__": "update"}  # refused: the list stays
+
+
+def test_a_busy_port_is_one_message(workspace):
+    import socket
+
+    from tuneforge.webui.app import create_app, launch
+
+    demo, _ = create_app(workspace)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ConfigError, match="cannot serve on 127.0.0.1:.*choose another --port"):
+            launch(demo, workspace, "127.0.0.1", taken.getsockname()[1])
