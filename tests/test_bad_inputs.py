@@ -214,7 +214,7 @@ def ranking_dataset_without_chosen_column(c: Ctx) -> list[str]:
     return [c.config(stage="dpo")]
 
 
-@case("a.json: row 1", "stage 'dpo' needs PreferencePair rows", "dataset 'a' gives Conversation", "ranking")
+@case("a.json: row 1", "preference stages (rm, dpo) need PreferencePair rows", "dataset 'a' gives Conversation", "ranking")
 def plain_rows_for_a_preference_stage(c: Ctx) -> list[str]:
     c.alpaca([OK])
     return [c.config(stage="dpo")]

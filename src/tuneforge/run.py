@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +17,14 @@ import torch
 from tuneforge.config import RunConfig, dump
 from tuneforge.config.schema import OutputConfig, TrainConfig
 from tuneforge.config.typed import to_dict
-from tuneforge.data.build import EncodedData, build_datasets, packing_enabled
+from tuneforge.data.build import EncodedData, build_datasets, cache_folder, packing_enabled
 from tuneforge.errors import ConfigError
 from tuneforge.finetune import apply_method
 from tuneforge.io import write_text_atomic
 from tuneforge.models.load import load_model, load_tokenizer
+from tuneforge.models.valuehead import WithValueHead, save_value_head
 from tuneforge.paths import RUN_INFO
-from tuneforge.stages import STAGES
+from tuneforge.stages import Stage, build_stage
 from tuneforge.templates import get_template
 from tuneforge.templates.base import Template
 from tuneforge.train.batches import BatchPlan, pack_rows
@@ -33,34 +36,75 @@ from tuneforge.train.plot import plot_loss
 from tuneforge.train.tracking import read_metrics
 
 
+@dataclass
+class Job:
+    """A training run prepared from its config: model, stage, rows and context, ready for `fit`."""
+
+    cfg: RunConfig
+    run_dir: Path
+    tokenizer: Any
+    template: Template
+    stage: Stage
+    data: EncodedData
+    train_rows: list[dict]
+    val_rows: list[dict]
+    model: Any
+    plan: Plan
+    context: RunContext
+
+
 def train(cfg: RunConfig, plan_only: bool = False) -> Path:
     """Train a model as configured; returns the run folder (or prints the plan and returns it)."""
+    job = prepare(cfg, plan_only)
+    main = job.context.accelerator.is_main_process
+    if plan_only:
+        job.plan.estimated_seconds = measure_time(job)
+        print_plan(job.plan) if main else None
+        return job.run_dir
+    if main:
+        print_plan(job.plan)
+        write_run_files(job)
+    result = fit_job(job)
+    finish(job, result)
+    return job.run_dir
+
+
+def prepare(cfg: RunConfig, plan_only: bool = False) -> Job:
+    """Config -> accelerator, run folder, tokenizer, template, stage, encoded rows, model (+ reference), plan."""
     acc, precision = make_accelerator(cfg.train)
     run_dir = prepare_run_dir(cfg.output, cfg.train, plan_only, acc.is_main_process)
     tokenizer = load_tokenizer(cfg.model)
     template = get_template(cfg.data.template, tokenizer, cfg.data.default_system, cfg.data.enable_thinking)
-    stage = stage_for(cfg.stage, tokenizer.pad_token_id)
+    stage = build_stage(cfg, tokenizer.pad_token_id)
     with acc.main_process_first():
-        data = build_datasets(cfg.data, cfg.stage, template, cfg.train.seed)
-    train_rows, val_rows = training_rows(data, cfg)
-    model = load_for_training(cfg, precision)
+        data = build_datasets(cfg.data, stage.data_kind, template, cfg.train.seed)
+    train_rows, val_rows = training_rows(data, cfg, stage)
+    stage.check_rows(train_rows)
+    model = stage.setup(load_for_training(cfg, precision), acc)
+    if cfg.reference.precompute:
+        with acc.main_process_first(), acc.autocast():
+            stage.precompute_reference([train_rows, val_rows], model, cfg.train.eval_batch_size,
+                                       reference_cache(cfg, data, precision))
     batches = BatchPlan(len(train_rows), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
                         acc.num_processes, cfg.train.epochs, cfg.train.max_steps)
-    plan = make_plan(train_rows, data.report, batches, model, precision)
+    plan = make_plan(train_rows, data.report, batches, model, precision, stage)
     context = RunContext(run_dir, acc, batches, save_weights_fn(model, tokenizer, template, cfg),
                          group_by_length=cfg.train.group_by_length, forward_tokens=forward_tokens(cfg.train),
                          tracker_config=to_dict(cfg),
                          logging_dir=Path(cfg.output.logging_dir) if cfg.output.logging_dir else None)
-    if plan_only:
-        plan.estimated_seconds = measure_time(model, stage, train_rows, cfg.train, context)
-        print_plan(plan) if acc.is_main_process else None
-        return run_dir
-    if acc.is_main_process:
-        print_plan(plan)
-        write_run_files(run_dir, cfg, data, template, plan, acc.num_processes)
-    result = fit(model, stage, train_rows, val_rows, cfg.train, context)
+    return Job(cfg, run_dir, tokenizer, template, stage, data, train_rows, val_rows, model, plan, context)
+
+
+def fit_job(job: Job) -> FitResult:
+    """Run the training loop on a prepared job."""
+    return fit(job.model, job.stage, job.train_rows, job.val_rows, job.cfg.train, job.context)
+
+
+def finish(job: Job, result: FitResult) -> None:
+    """Final weights, configured evaluations and the loss plot; re-raise an interruption for the CLI."""
+    acc, cfg, run_dir = job.context.accelerator, job.cfg, job.run_dir
     if acc.is_main_process and not result.interrupted:
-        final = save_final(run_dir, model, tokenizer, template, cfg)
+        final = save_final(run_dir, job.model, job.tokenizer, job.template, cfg)
         if cfg.eval.after_training:
             evaluate_final(cfg, run_dir, final)
     if acc.is_main_process and cfg.output.plot_loss:
@@ -68,7 +112,21 @@ def train(cfg: RunConfig, plan_only: bool = False) -> Path:
     acc.wait_for_everyone()
     if result.interrupted:
         raise KeyboardInterrupt
-    return run_dir
+
+
+def reference_cache(cfg: RunConfig, data: EncodedData, precision: str) -> Path:
+    """Where precomputed reference log-probs live: beside the tokenized data, keyed by the reference's weights."""
+    from tuneforge.models.digest import folder_digest
+    from tuneforge.models.hub import resolve_model_dir
+
+    ref = cfg.reference
+    base = dataclasses.replace(cfg.model, path=ref.model) if ref.model else cfg.model
+    adapters = ref.adapters if ref.model else cfg.model.adapter_path
+    parts = [folder_digest(resolve_model_dir(base)), *(folder_digest(Path(a)) for a in adapters),
+             str(ref.quantization_bit if ref.model else cfg.model.quantization_bit), precision,
+             cfg.finetune.method, str(cfg.finetune.lora.create_new_adapter)]
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return cache_folder(cfg.data) / data.key / f"reference-{key}.safetensors"
 
 
 def evaluate_final(cfg: RunConfig, run_dir: Path, final: Path) -> None:
@@ -136,19 +194,12 @@ def prepare_run_dir(output: OutputConfig, train_cfg: TrainConfig, plan_only: boo
     return run_dir
 
 
-def stage_for(name: str, pad_id: int) -> Any:
-    """The stage object, or a clear message for stages that are planned but not built yet."""
-    if name not in STAGES:
-        raise ConfigError(f"stage '{name}' is not available yet; available stages: {', '.join(STAGES.names())}")
-    return STAGES.get(name)(pad_id)
-
-
-def training_rows(data: EncodedData, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
-    """Plain row dicts for the loop; SFT rows are packed here when asked (pt rows are packed when encoded)."""
-    columns = ["input_ids", "labels"]
+def training_rows(data: EncodedData, cfg: RunConfig, stage: Stage) -> tuple[list[dict], list[dict]]:
+    """Plain row dicts of the stage's columns; SFT rows are packed here when asked (pt rows when encoded)."""
+    columns = list(stage.columns)
     train = [dict(zip(columns, values)) for values in zip(*(data.train[c] for c in columns))]
     val = [dict(zip(columns, values)) for values in zip(*(data.val[c] for c in columns))] if data.val else []
-    if cfg.stage != "pt" and packing_enabled(cfg.data, cfg.stage):
+    if stage.data_kind == "sft" and packing_enabled(cfg.data, stage.data_kind):
         train = pack_rows(train, cfg.data.cutoff_len, cfg.train.seed)
     return train, val
 
@@ -182,7 +233,13 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any, template: Template, cf
 
 
 def _save_weights(folder: Path, model: Any, tokenizer: Any, template: Template, cfg: RunConfig) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
+    lm, head = (model.pretrained_model, model.v_head) if isinstance(model, WithValueHead) else (model, None)
+    if hasattr(lm, "peft_config"):  # only the trained adapter, not a frozen reference copy beside it
+        lm.save_pretrained(folder, safe_serialization=True, selected_adapters=["default"])
+    else:
+        lm.save_pretrained(folder, safe_serialization=True)
+    if head is not None:
+        save_value_head(folder, head)
     tokenizer.save_pretrained(folder)
     info = {"base_model": cfg.model.path, "method": cfg.finetune.method, "stage": cfg.stage,
             "template": template.name, "default_system": cfg.data.default_system,
@@ -190,26 +247,28 @@ def _save_weights(folder: Path, model: Any, tokenizer: Any, template: Template, 
     write_text_atomic(folder / RUN_INFO, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_run_files(run_dir: Path, cfg: RunConfig, data: EncodedData, template: Template, plan: Plan,
-                    world_size: int) -> None:
+def write_run_files(job: Job) -> None:
     """config.yaml (reproduces the run) and manifest.json."""
     from tuneforge.data.build import template_digest
 
-    write_text_atomic(run_dir / "config.yaml", dump(cfg))
+    cfg, data, plan = job.cfg, job.data, job.plan
+    write_text_atomic(job.run_dir / "config.yaml", dump(cfg))
     data_info = {"cache_key": data.key, "datasets": cfg.data.dataset, "plan": plan_dict(plan),
                  "truncated": data.report.truncated[:100], "dropped": data.report.dropped[:100]}
-    write_manifest(run_dir / "manifest.json", to_dict(cfg), data_info,
-                   {"name": template.name, "hash": template_digest(template)}, cfg.train.seed, world_size)
+    write_manifest(job.run_dir / "manifest.json", to_dict(cfg), data_info,
+                   {"name": job.template.name, "hash": template_digest(job.template)}, cfg.train.seed,
+                   job.context.accelerator.num_processes)
 
 
-def measure_time(model: Any, stage: Any, rows: list[dict], train_cfg: TrainConfig, context: RunContext) -> float:
+def measure_time(job: Job) -> float:
     """Run two real optimizer steps in a scratch folder and extrapolate to the whole plan."""
-    probe = dataclasses.replace(train_cfg, max_steps=2, save_steps=0, logging_steps=1, report_to=[],
+    context = job.context
+    probe = dataclasses.replace(job.cfg.train, max_steps=2, save_steps=0, logging_steps=1, report_to=[],
                                 resume_from_checkpoint=None, eval_steps=None)
     with tempfile.TemporaryDirectory() as scratch:
         probe_context = dataclasses.replace(context, run_dir=Path(scratch),
                                             plan=dataclasses.replace(context.plan, max_steps=2))
-        result: FitResult = fit(model, stage, rows, [], probe, probe_context)
+        result: FitResult = fit(job.model, job.stage, job.train_rows, [], probe, probe_context)
         times = [r["elapsed"] for r in read_metrics(Path(scratch) / "metrics.jsonl")]
     del result
     first, second = times[0], times[1] - times[0]

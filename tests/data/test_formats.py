@@ -386,7 +386,7 @@ def test_txt_reader_gives_pretraining_text(dataset_dir):
     rows = list(read_file(dataset_dir / "corpus.txt"))
     assert [(r.row, r.data) for r in rows] == [(1, {"text": "The first line."}), (3, {"text": "The third line."})]
     write_json(dataset_dir / "dataset_info.json", {"c": {"file_name": "corpus.txt", "columns": {"prompt": "text"}}})
-    examples = load_examples(data_config(dataset_dir), "c", "pt", seed=0).examples
+    examples = load_examples(data_config(dataset_dir), "c", "text", seed=0).examples
     assert examples == [Text("The first line.", f"{dataset_dir / 'corpus.txt'}: row 1"),
                         Text("The third line.", f"{dataset_dir / 'corpus.txt'}: row 3")]
 

@@ -87,7 +87,7 @@ def test_pretraining_packs_rows_into_full_blocks(dataset_dir, tokenizer):
     (dataset_dir / "c.txt").write_text("\n".join(f"line number {i} of the corpus" for i in range(50)), "utf-8")
     write_json(dataset_dir / "dataset_info.json", {"c": {"file_name": "c.txt", "columns": {"prompt": "text"}}})
     cfg = config(dataset_dir, "stage=pt", "data.dataset=c", "data.cutoff_len=64")
-    data = build_datasets(cfg.data, "pt", get_template("chatml", tokenizer), seed=1)
+    data = build_datasets(cfg.data, "text", get_template("chatml", tokenizer), seed=1)
     lengths = [len(ids) for ids in data.train["input_ids"]]
     assert all(n == 64 for n in lengths[:-1]) and lengths[-1] <= 64
     total = sum(len(tokenizer.encode(f"line number {i} of the corpus", add_special_tokens=False)) + 1

@@ -1,4 +1,4 @@
-"""Helpers to train the tiny model in-process and look at its parameters."""
+"""Helpers to train the tiny model in-process (through run.prepare and run.fit_job) and look at its parameters."""
 
 from __future__ import annotations
 
@@ -29,32 +29,10 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train_in_process(cfg):
-    """Run the same steps as run.train but hand back the model and result for inspection."""
-    from tuneforge.data.build import build_datasets
-    from tuneforge.models.load import load_tokenizer
-    from tuneforge.run import (
-        forward_tokens,
-        load_for_training,
-        make_accelerator,
-        prepare_run_dir,
-        stage_for,
-        training_rows,
-    )
-    from tuneforge.templates import get_template
-    from tuneforge.train.batches import BatchPlan
-    from tuneforge.train.loop import RunContext, fit
+    """The production path (run.prepare, then run.fit_job), handing back the model before and after."""
+    from tuneforge.run import fit_job, prepare
 
-    acc, precision = make_accelerator(cfg.train)
-    run_dir = prepare_run_dir(cfg.output, cfg.train, False, True)
-    tokenizer = load_tokenizer(cfg.model)
-    template = get_template(cfg.data.template, tokenizer)
-    data = build_datasets(cfg.data, cfg.stage, template, cfg.train.seed)
-    train_rows, val_rows = training_rows(data, cfg)
-    model = load_for_training(cfg, precision)
-    before = snapshot(model)
-    plan = BatchPlan(len(train_rows), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
-                     acc.num_processes, cfg.train.epochs, cfg.train.max_steps)
-    result = fit(model, stage_for(cfg.stage, tokenizer.pad_token_id), train_rows, val_rows, cfg.train,
-                 RunContext(run_dir, acc, plan, group_by_length=cfg.train.group_by_length,
-                            forward_tokens=forward_tokens(cfg.train)))
-    return model, before, result
+    job = prepare(cfg)
+    before = snapshot(job.model)
+    result = fit_job(job)
+    return job.model, before, result

@@ -59,15 +59,15 @@ def test_packed_and_unpacked_losses_agree(make_cfg, attn):
 
     cfg = make_cfg(f"model.attn_implementation={attn}", "data.max_samples=8")
     tokenizer = load_tokenizer(cfg.model)
-    rows, _ = training_rows(build_datasets(cfg.data, "sft", get_template("chatml", tokenizer), 1), cfg)
-    model = load_model(cfg.model)
     stage = SFTStage(tokenizer.pad_token_id)
+    rows, _ = training_rows(build_datasets(cfg.data, "sft", get_template("chatml", tokenizer), 1), cfg, stage)
+    model = load_model(cfg.model)
     with torch.no_grad():
         plain = stage.loss(model, stage.collate(rows))
         packed_rows = pack_rows(rows, 512, seed=0)
         assert len(packed_rows) < len(rows)
         packed = stage.loss(model, stage.collate(packed_rows))
-    assert int(plain.tokens) == int(packed.tokens)
+    assert int(plain.units) == int(packed.units)
     assert torch.allclose(plain.loss_sum, packed.loss_sum, rtol=1e-5), (plain.loss_sum, packed.loss_sum)
 
 
@@ -84,7 +84,7 @@ def test_fused_loss_equals_plain_cross_entropy(make_cfg):
     logits = model(input_ids=ids).logits[:, :-1]
     reference = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                                   reduction="sum")
-    assert torch.allclose(ours.loss_sum, reference, rtol=1e-5) and int(ours.tokens) == 2 * 7  # labels 5..11 of 12
+    assert torch.allclose(ours.loss_sum, reference, rtol=1e-5) and int(ours.units) == 2 * 7  # labels 5..11 of 12
 
 
 def write_config(tmp_path: Path, tiny_model_dir: Path, out: str, **train) -> Path:

@@ -52,9 +52,10 @@ def cmd_preview(args: argparse.Namespace, overrides: list[str], flags: dict[str,
     """Show encoded rows, or print them as JSON lines."""
     from tuneforge.cli.render import LEGEND, print_encoded
     from tuneforge.data.build import build_datasets
+    from tuneforge.stages import data_kind
 
     cfg, template = _setup(args, overrides, flags)
-    encoded = build_datasets(cfg.data, cfg.stage, template, cfg.train.seed)
+    encoded = build_datasets(cfg.data, data_kind(cfg.stage), template, cfg.train.seed)
     rows = encoded.train if args.split == "train" else encoded.val
     if rows is None:
         raise DataError("there is no validation split: set data.val_size or data.eval_dataset")
@@ -77,12 +78,13 @@ def cmd_preview(args: argparse.Namespace, overrides: list[str], flags: dict[str,
 def cmd_check(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any]) -> int:
     """Run the doctor, print its report, exit 1 when any dataset has errors."""
     from tuneforge.data.doctor import check_datasets, histogram
+    from tuneforge.stages import data_kind
 
     cfg, template = _setup(args, overrides, flags)
     if not cfg.data.dataset:
         raise DataError("no datasets to check: set data.dataset")
     console = Console(highlight=False, soft_wrap=True)
-    health = check_datasets(cfg, template)
+    health = check_datasets(cfg, template, data_kind(cfg.stage))
     summary = Table("dataset", "rows", "usable", "trained tokens", "errors", "warnings")
     for h in health:
         summary.add_row(h.name, str(h.rows), str(h.usable), str(h.trained_tokens), str(len(h.errors)),

@@ -14,6 +14,10 @@ def _to(path: str) -> Callable[[Any], Assignments]:
     return lambda value: [(path, value)]
 
 
+def _to_all(*paths: str) -> Callable[[Any], Assignments]:
+    return lambda value: [(path, value) for path in paths]
+
+
 def _precision(name: str) -> Callable[[Any], Assignments]:
     return lambda value: [("train.precision", name)] if _truthy(value) else []
 
@@ -189,6 +193,20 @@ MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "overwrite_output_dir": _to("output.overwrite"),
     "plot_loss": _to("output.plot_loss"),
     "logging_dir": _to("output.logging_dir"),
+    # preference stages (LF's RLHFArguments); pref_beta and pref_ftx serve dpo and kto alike
+    "pref_beta": _to_all("dpo.beta", "kto.beta"),
+    "pref_ftx": _to_all("dpo.ftx", "kto.ftx"),
+    "pref_loss": _to("dpo.loss"),
+    "dpo_label_smoothing": _to("dpo.label_smoothing"),
+    "simpo_gamma": _to("dpo.simpo_gamma"),
+    "ld_alpha": _to("dpo.ld_alpha"),
+    "pref_bco_weight": _to("dpo.bco_weight"),
+    "kto_chosen_weight": _to("kto.chosen_weight"),
+    "kto_rejected_weight": _to("kto.rejected_weight"),
+    "ref_model": _to("reference.model"),
+    "ref_model_adapters": _to("reference.adapters"),
+    "ref_model_quantization_bit": _to("reference.quantization_bit"),
+    "precompute_ref_log_probs": _to("reference.precompute"),  # TRL's key; LF has none
 }
 
 # Keys accepted with no effect, each with the reason (printed, so nothing is silently ignored).
@@ -210,9 +228,9 @@ UNSUPPORTED: dict[str, str] = {
         "export options beyond dir, size and device are not supported yet": [
             "export_legacy_format", "export_quantization_bit", "export_quantization_dataset", "export_hub_model_id",
         ],
-        "preference stages arrive with their stage": [
-            "pref_beta", "pref_ftx", "pref_loss", "dpo_label_smoothing", "kto_chosen_weight",
-            "kto_rejected_weight", "simpo_gamma", "ref_model", "reward_model", "reward_model_type",
+        "the ppo stage is not built yet": [
+            "reward_model", "reward_model_type", "reward_model_adapters", "reward_model_quantization_bit",
+            "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards",
         ],
         "not supported yet": [
             "tokenized_path", "streaming", "buffer_size", "rope_scaling", "shift_attn", "use_unsloth",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from tuneforge.config.typed import build, coerce, field_type, to_dict
 from tuneforge.errors import ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
-SECTIONS = ("stage", "model", "finetune", "data", "train", "output", "generation", "export", "eval")
+SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 def load(path: str | Path | None, overrides: list[str] = (), lf_flags: dict[str, Any] | None = None) -> RunConfig:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from tuneforge.config.schema import DataConfig, FinetuneConfig, ModelConfig, RunConfig, TrainConfig
+from tuneforge.config.schema import (
+    DataConfig,
+    DPOConfig,
+    FinetuneConfig,
+    KTOConfig,
+    ModelConfig,
+    ReferenceConfig,
+    RunConfig,
+    TrainConfig,
+)
 from tuneforge.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "rmsprop", "adagrad")
@@ -15,6 +24,10 @@ def validate(cfg: RunConfig, source: str) -> None:
         check_finetune(cfg.finetune)
         check_data(cfg.data)
         check_train(cfg.train)
+        check_stage_data(cfg.stage, cfg.data)
+        check_dpo(cfg.dpo)
+        check_kto(cfg.kto)
+        check_reference(cfg.reference, cfg.stage, cfg.dpo, cfg.finetune)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 
@@ -75,3 +88,68 @@ def check_train(train: TrainConfig) -> None:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}")
     if train.optimizer not in OPTIMIZERS:
         raise ConfigError(f"train.optimizer: '{train.optimizer}' is not known; use one of {', '.join(OPTIMIZERS)}")
+
+
+PREFERENCE_STAGES = ("rm", "dpo", "kto")
+NO_REFERENCE_LOSSES = ("orpo", "simpo")
+
+
+def check_stage_data(stage: str, data: DataConfig) -> None:
+    """Packing and prompt-side training exist for pt/sft only (as in LLaMA-Factory)."""
+    if stage not in PREFERENCE_STAGES:
+        return
+    for key in ("packing", "train_on_prompt", "mask_history"):
+        if getattr(data, key):
+            raise ConfigError(f"data.{key} is for the sft stage; stage {stage} trains on whole answers. "
+                              f"Remove data.{key}")
+
+
+def check_dpo(dpo: DPOConfig) -> None:
+    """beta positive; label smoothing only for the sigmoid loss and below 0.5."""
+    if dpo.beta is not None and dpo.beta <= 0:
+        raise ConfigError(f"dpo.beta (pref_beta) must be > 0, got {dpo.beta}")
+    if not 0 <= dpo.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {dpo.label_smoothing}")
+    if dpo.label_smoothing > 0 and dpo.loss != "sigmoid":
+        raise ConfigError(f"dpo.label_smoothing (cDPO) applies to the sigmoid loss only, not dpo.loss={dpo.loss}")
+    if dpo.ld_alpha is not None and not 0 <= dpo.ld_alpha <= 1:
+        raise ConfigError(f"dpo.ld_alpha must be in [0, 1], got {dpo.ld_alpha}")
+    if dpo.bco_weight < 0 or dpo.ftx < 0:
+        raise ConfigError("dpo.bco_weight and dpo.ftx must be >= 0")
+    if dpo.bco_weight > 0 and dpo.loss in NO_REFERENCE_LOSSES:
+        raise ConfigError(f"dpo.bco_weight needs a reference model, which dpo.loss={dpo.loss} does not use")
+
+
+def check_kto(kto: KTOConfig) -> None:
+    """beta and class weights positive."""
+    if kto.beta <= 0:
+        raise ConfigError(f"kto.beta (pref_beta) must be > 0, got {kto.beta}")
+    if kto.chosen_weight <= 0 or kto.rejected_weight <= 0:
+        raise ConfigError("kto.chosen_weight and kto.rejected_weight must be > 0")
+    if kto.ftx < 0:
+        raise ConfigError(f"kto.ftx must be >= 0, got {kto.ftx}")
+
+
+def uses_reference(stage: str, dpo: DPOConfig) -> bool:
+    """dpo (except orpo and simpo) and kto compare the policy with a reference model."""
+    return stage == "kto" or (stage == "dpo" and dpo.loss not in NO_REFERENCE_LOSSES)
+
+
+def check_reference(ref: ReferenceConfig, stage: str, dpo: DPOConfig, finetune: FinetuneConfig) -> None:
+    """Reference settings must be used and loadable; PiSSA moves the base, so the adapter-off reference breaks."""
+    if ref.quantization_bit not in (None, 4, 8):
+        raise ConfigError(f"reference.quantization_bit: {ref.quantization_bit} is not supported; use 4 or 8")
+    if (ref.adapters or ref.quantization_bit) and not ref.model:
+        raise ConfigError("reference.adapters / reference.quantization_bit apply to a separate reference model; "
+                          "set reference.model (LLaMA-Factory: ref_model) as well")
+    if ref.precompute and stage != "dpo":
+        raise ConfigError(f"reference.precompute (precompute_ref_log_probs) is available for stage dpo; stage {stage} "
+                          "estimates KL from pairs built during training, so it keeps the live reference")
+    if not uses_reference(stage, dpo):
+        if ref.model or ref.precompute:
+            what = f"dpo.loss={dpo.loss}" if stage == "dpo" else f"stage {stage}"
+            raise ConfigError(f"{what} uses no reference model; remove the reference settings")
+        return
+    if finetune.method == "lora" and finetune.lora.pissa_init and not ref.model:
+        raise ConfigError("finetune.lora.pissa_init changes the base weights, so the base is no longer the "
+                          "reference; set reference.model or remove pissa_init")

@@ -261,6 +261,54 @@ class EvalConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    model: str | None = None
+    """A separate reference model (folder or hub id); default is the policy's starting point (see the README)."""
+    adapters: list[str] = field(default_factory=list)
+    """Adapters merged into the separate reference model."""
+    quantization_bit: int | None = None
+    """Load the separate reference model quantized to 4 or 8 bits."""
+    precompute: bool = False
+    """Compute reference log-probs once before training, cache them with the tokenized data, free the reference."""
+
+
+@dataclass
+class DPOConfig:
+    loss: Literal["sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo"] = "sigmoid"
+    """Preference loss: sigmoid (DPO), hinge (SLiC), ipo, kto_pair, orpo or simpo (the last two use no reference)."""
+    beta: float | None = None
+    """Strength beta; default 0.1, but 2.0 for simpo (the SimPO paper's recipes)."""
+    ftx: float = 0.0
+    """Weight of an added SFT term: ftx * (mean log-loss per token of the chosen answer)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: assumed fraction of flipped labels, in [0, 0.5); sigmoid loss only."""
+    simpo_gamma: float | None = None
+    """SimPO target reward margin gamma; default 1.0 (gamma / beta = 0.5, as in SimPO's recipes)."""
+    ld_alpha: float | None = None
+    """LD-DPO: weight of the policy's log-probs past the shorter answer's length (1 = plain DPO)."""
+    bco_weight: float = 0.0
+    """Mix in BCO's loss with this weight (MPO): loss = (dpo + w * bco) / (1 + w); reference losses only."""
+
+
+@dataclass
+class KTOConfig:
+    beta: float = 0.1
+    """Strength beta."""
+    chosen_weight: float = 1.0
+    """Weight of desirable rows (lambda_D)."""
+    rejected_weight: float = 1.0
+    """Weight of undesirable rows (lambda_U); aim for w_D * n_D / (w_U * n_U) in [1, 4/3]."""
+    ftx: float = 0.0
+    """Weight of an added SFT term on desirable rows (mean log-loss per token)."""
+
+
+@dataclass
+class RMConfig:
+    head_dropout: float = 0.1
+    """Dropout before the value head while training (TRL's ValueHead default, which LLaMA-Factory trains with)."""
+
+
+@dataclass
 class RunConfig:
     stage: Stage = "sft"
     """Training stage: pt, sft, rm, dpo, kto, ppo or grpo."""
@@ -280,3 +328,11 @@ class RunConfig:
     """Merging and exporting a trained model."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation and prediction (`tuneforge eval`)."""
+    rm: RMConfig = field(default_factory=RMConfig)
+    """Reward-model stage settings."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """DPO-family stage settings (loss variant, beta, ...)."""
+    kto: KTOConfig = field(default_factory=KTOConfig)
+    """KTO stage settings."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """The reference model of dpo and kto."""

@@ -16,7 +16,7 @@ from tuneforge import __version__
 from tuneforge.config.schema import DataConfig
 from tuneforge.data.catalog import get_spec, load_catalog
 from tuneforge.data.encode import EncodeOptions
-from tuneforge.data.pipeline import STAGE_KIND, encode_examples, load_examples, mix, split_validation
+from tuneforge.data.pipeline import encode_examples, load_examples, mix, split_validation
 from tuneforge.data.types import EncodeReport
 from tuneforge.errors import DataError
 from tuneforge.paths import tuneforge_home
@@ -41,28 +41,29 @@ def encode_options(data: DataConfig) -> EncodeOptions:
     return EncodeOptions(data.cutoff_len, data.train_on_prompt, data.mask_history, data.overlong)
 
 
-def packing_enabled(data: DataConfig, stage: str) -> bool:
-    """Packing defaults to on for pre-training and off otherwise."""
-    return data.packing if data.packing is not None else stage == "pt"
+def packing_enabled(data: DataConfig, kind: str) -> bool:
+    """Packing defaults to on for pre-training (text) and off otherwise."""
+    return data.packing if data.packing is not None else kind == "text"
 
 
-def build_datasets(data: DataConfig, stage: str, template: Template, seed: int) -> EncodedData:
-    """Load, mix, split and encode the configured datasets, reusing a cached copy when nothing changed."""
+def build_datasets(data: DataConfig, kind: str, template: Template, seed: int) -> EncodedData:
+    """Load, mix, split and encode the configured datasets for a data kind (see tuneforge.data.pipeline.KINDS),
+    reusing a cached copy when nothing changed."""
     if not data.dataset:
         raise DataError("no training data: set data.dataset (LLaMA-Factory: dataset) to one or more dataset names")
-    key = cache_key(data, stage, template, seed)
+    key = cache_key(data, kind, template, seed)
     folder = cache_folder(data) / key
     if (folder / "report.json").is_file() and not data.overwrite_cache:
         return _load_cached(folder, key)
-    groups = [load_examples(data, name, stage, seed).examples for name in data.dataset]
+    groups = [load_examples(data, name, kind, seed).examples for name in data.dataset]
     examples = mix(groups, data.mix_strategy, data.interleave_probs, seed)
     train, val = split_validation(examples, data.val_size, seed)
     if data.eval_dataset:
-        val = [e for name in data.eval_dataset for e in load_examples(data, name, stage, seed).examples]
+        val = [e for name in data.eval_dataset for e in load_examples(data, name, kind, seed).examples]
     opts = encode_options(data)
-    packing = packing_enabled(data, stage)
-    train_rows, report = encode_examples(train, template, opts, stage, data.num_proc, packing)
-    val_rows, _ = encode_examples(val, template, opts, stage, data.num_proc, packing) if val else ([], None)
+    packing = packing_enabled(data, kind)
+    train_rows, report = encode_examples(train, template, opts, kind, data.num_proc, packing)
+    val_rows, _ = encode_examples(val, template, opts, kind, data.num_proc, packing) if val else ([], None)
     if not train_rows:
         raise DataError("every training row was dropped or has no trained tokens; "
                         "run `tuneforge data check` to see why")
@@ -77,14 +78,14 @@ def cache_folder(data: DataConfig) -> Path:
     return Path(os.environ.get("TUNEFORGE_DATA_CACHE") or tuneforge_home() / "cache" / "datasets")
 
 
-def cache_key(data: DataConfig, stage: str, template: Template, seed: int) -> str:
+def cache_key(data: DataConfig, kind: str, template: Template, seed: int) -> str:
     """Hash of data files, dataset definitions, tokenizer, template, options and seed."""
     catalog = load_catalog(data.dataset_dir, data.inline)
     specs = [get_spec(catalog, n, data.dataset_dir) for n in [*data.dataset, *data.eval_dataset]]
     tokenizer = template.tokenizer
     parts = {
         "version": __version__,
-        "stage": STAGE_KIND[stage],
+        "stage": kind,
         "seed": seed,
         "data": dataclasses.asdict(dataclasses.replace(data, overwrite_cache=False, num_proc=None, cache_dir=None)),
         "specs": [dataclasses.asdict(s) for s in specs],

@@ -30,8 +30,9 @@ class DatasetHealth:
         return [p for p in self.problems if p.severity == "error"]
 
 
-def check_datasets(cfg: RunConfig, template: Template) -> list[DatasetHealth]:
-    """Examine every dataset named in the config; nothing is raised for bad rows, everything is reported."""
+def check_datasets(cfg: RunConfig, template: Template, kind: str) -> list[DatasetHealth]:
+    """Examine every dataset named in the config for a data kind; nothing is raised for bad rows, everything is
+    reported."""
     data, seed = cfg.data, cfg.train.seed
     report = []
     train_keys: dict[str, str] = {}
@@ -39,7 +40,7 @@ def check_datasets(cfg: RunConfig, template: Template) -> list[DatasetHealth]:
         health = DatasetHealth(name)
         report.append(health)
         try:
-            loaded = load_examples(data, name, cfg.stage, seed, strict=False)
+            loaded = load_examples(data, name, kind, seed, strict=False)
         except TuneforgeError as err:
             health.problems.append(RowProblem(name, str(err), kind="dataset"))
             continue
@@ -47,7 +48,7 @@ def check_datasets(cfg: RunConfig, template: Template) -> list[DatasetHealth]:
         health.problems += loaded.problems
         _check_duplicates(loaded.examples, health)
         _check_placeholders(loaded.examples, health, name)
-        _check_encoding(loaded.examples, template, cfg, health)
+        _check_encoding(loaded.examples, template, cfg, health, kind)
         if name in data.dataset:
             train, val = split_validation(loaded.examples, data.val_size, seed) if data.val_size else \
                 (loaded.examples, [])
@@ -93,19 +94,20 @@ def _check_overlap(examples: list[Example], train_keys: dict[str, str], health: 
                                               severity="warning", kind="overlap"))
 
 
-def _check_encoding(examples: list[Example], template: Template, cfg: RunConfig, health: DatasetHealth) -> None:
+def _check_encoding(examples: list[Example], template: Template, cfg: RunConfig, health: DatasetHealth,
+                    kind: str) -> None:
     opts = encode_options(cfg.data)
     try:  # one batched pass; only when a row fails is each row encoded alone to name the bad ones
-        rows, report = encode_examples(examples, template, opts, cfg.stage)
+        rows, report = encode_examples(examples, template, opts, kind)
     except TuneforgeError:
         good = []
         for example in examples:
             try:
-                encode_examples([example], template, opts, cfg.stage)
+                encode_examples([example], template, opts, kind)
                 good.append(example)
             except TuneforgeError as err:
                 health.problems.append(RowProblem(example.origin, str(err), kind="template"))
-        rows, report = encode_examples(good, template, opts, cfg.stage)
+        rows, report = encode_examples(good, template, opts, kind)
     health.usable = len(rows)
     health.trained_tokens = report.trained_tokens
     health.lengths = [len(r.get("input_ids", r.get("chosen_input_ids", []))) for r in rows]

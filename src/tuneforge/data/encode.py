@@ -66,16 +66,21 @@ def encode_supervised(pairs: list[PairIds], opts: EncodeOptions) -> dict[str, An
     return {"input_ids": input_ids, "labels": labels, "status": status}
 
 
-def encode_pairwise(prompt: list[int], chosen: list[int], rejected: list[int],
-                    opts: EncodeOptions) -> dict[str, Any]:
-    """Chosen and rejected sequences sharing one prompt; only the final responses are trained."""
+def encode_pairwise(prompt: list[int], chosen: list[int], rejected: list[int], opts: EncodeOptions,
+                    tail: int = 0) -> dict[str, Any]:
+    """Chosen and rejected sequences sharing one prompt; only the final responses are trained.
+
+    Lengths follow LLaMA-Factory's rule (infer_seqlen on the prompt and the longer answer), but a prompt that must
+    be cut loses tokens from its middle: its start (BOS, system) and its last `tail` tokens (the final user turn
+    and the assistant header next to the answer) are kept, so the answer never follows a cut-off header.
+    """
     longest = max(len(chosen), len(rejected))
     too_long = len(prompt) + longest > opts.cutoff_len
     if too_long and opts.overlong == "drop":
         return {"chosen_input_ids": [], "chosen_labels": [], "rejected_input_ids": [], "rejected_labels": [],
                 "status": "dropped"}
     source_len, target_len = infer_seqlen(len(prompt), longest, opts.cutoff_len)
-    prompt = prompt[:source_len]
+    prompt = cut_middle(prompt, source_len, tail)
     masked = list(prompt) if opts.train_on_prompt else [IGNORE_INDEX] * len(prompt)
     chosen, rejected = chosen[:target_len], rejected[:target_len]
     return {
@@ -83,6 +88,14 @@ def encode_pairwise(prompt: list[int], chosen: list[int], rejected: list[int],
         "rejected_input_ids": prompt + rejected, "rejected_labels": masked + rejected,
         "status": "truncated" if too_long else "ok",
     }
+
+
+def cut_middle(ids: list[int], keep: int, tail: int) -> list[int]:
+    """`keep` tokens of `ids`: the last `tail` (or all `keep` when the tail is longer) plus the start."""
+    if len(ids) <= keep:
+        return list(ids)
+    tail = min(tail, keep)
+    return ids[:keep - tail] + ids[len(ids) - tail:]
 
 
 def encode_text(ids: list[int], eos_id: int | None, cutoff_len: int) -> dict[str, Any]:

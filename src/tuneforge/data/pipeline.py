@@ -31,9 +31,9 @@ from tuneforge.data.types import (
 from tuneforge.errors import DataError, TemplateError
 from tuneforge.templates.base import Template
 
-# What each stage trains on: plain text, supervised conversations, preference pairs or KTO examples.
-STAGE_KIND = {"pt": "text", "sft": "sft", "rm": "pairwise", "dpo": "pairwise", "kto": "kto",
-              "ppo": "sft", "grpo": "sft"}
+# A data kind is what a stage trains on (each stage declares its own; see tuneforge.stages):
+# text (pre-training), sft (conversations), pairwise (preference pairs), kto (labelled answers).
+KINDS = ("text", "sft", "pairwise", "kto")
 CHUNK = 512
 
 
@@ -48,8 +48,9 @@ class LoadedDataset:
     raw_count: int = 0
 
 
-def load_examples(data: DataConfig, name: str, stage: str, seed: int, strict: bool = True) -> LoadedDataset:
-    """Read and convert one dataset; strict mode raises on the first bad row, otherwise collects problems."""
+def load_examples(data: DataConfig, name: str, kind: str, seed: int, strict: bool = True) -> LoadedDataset:
+    """Read and convert one dataset for a data kind; strict mode raises on the first bad row, otherwise collects
+    problems. For kto, preference pairs are unpaired: a desirable row (chosen) and an undesirable one (rejected)."""
     spec = get_spec(load_catalog(data.dataset_dir, data.inline), name, data.dataset_dir)
     rows = read_rows(spec)
     raw_count = len(rows)
@@ -62,8 +63,11 @@ def load_examples(data: DataConfig, name: str, stage: str, seed: int, strict: bo
         if name == "identity":
             row = RawRow(substitute_identity(row.data, data.identity.name, data.identity.author), row.file, row.row)
         try:
-            example = to_example(row, spec, want_text=STAGE_KIND[stage] == "text")
-            _check_kind(example, stage, spec)
+            example = to_example(row, spec, want_text=kind == "text")
+            if kind == "kto" and isinstance(example, PreferencePair):
+                loaded.examples += unpair(example)
+                continue
+            _check_kind(example, kind, spec)
         except DataError as err:
             if strict:
                 raise DataError(f"{err} (run `tuneforge data check` to list every bad row)") from None
@@ -72,6 +76,12 @@ def load_examples(data: DataConfig, name: str, stage: str, seed: int, strict: bo
             continue
         loaded.examples.append(example)
     return loaded
+
+
+def unpair(pair: PreferencePair) -> list[KTOExample]:
+    """A preference pair as two KTO rows: the chosen answer desirable, the rejected one undesirable."""
+    return [KTOExample(pair.prompt + [answer], label, pair.system, pair.tools, f"{pair.origin} ({side})")
+            for answer, label, side in ((pair.chosen, True, "chosen"), (pair.rejected, False, "rejected"))]
 
 
 def substitute_identity(value: Any, name: str, author: str) -> Any:
@@ -85,13 +95,14 @@ def substitute_identity(value: Any, name: str, author: str) -> Any:
     return value
 
 
-def _check_kind(example: Example, stage: str, spec: DatasetSpec) -> None:
-    kind = STAGE_KIND[stage]
+def _check_kind(example: Example, kind: str, spec: DatasetSpec) -> None:
     wanted = {"text": Text, "sft": Conversation, "pairwise": PreferencePair, "kto": KTOExample}[kind]
     if not isinstance(example, wanted):
         hint = {"pairwise": "set \"ranking\": true and chosen/rejected columns", "kto": "set columns.kto_tag",
                 "sft": "give it a response column", "text": ""}[kind]
-        raise DataError(f"{example.origin}: stage '{stage}' needs {wanted.__name__} rows but dataset "
+        who = {"pairwise": "preference stages (rm, dpo)", "kto": "stage kto", "sft": "this stage",
+               "text": "pre-training (pt)"}[kind]
+        raise DataError(f"{example.origin}: {who} need {wanted.__name__} rows but dataset "
                         f"'{spec.name}' gives {type(example).__name__}; in dataset_info.json {hint}")
 
 
@@ -136,26 +147,25 @@ def split_validation(examples: list[Example], val_size: float, seed: int) -> tup
             [examples[i] for i in sorted(val_ids)])
 
 
-def encode_examples(examples: list[Example], template: Template, opts: EncodeOptions, stage: str,
+def encode_examples(examples: list[Example], template: Template, opts: EncodeOptions, kind: str,
                     num_proc: int | None = None, packing: bool = False) -> tuple[list[dict[str, Any]], EncodeReport]:
     """Encode in chunks of rows, each tokenized in one batched call, optionally across processes."""
     chunks = [examples[i:i + CHUNK] for i in range(0, len(examples), CHUNK)]
-    jobs = [(chunk, template, opts, stage, packing) for chunk in chunks]
+    jobs = [(chunk, template, opts, kind, packing) for chunk in chunks]
     if num_proc and num_proc > 1 and len(chunks) > 1:
         with ProcessPoolExecutor(max_workers=num_proc) as pool:
             results = list(pool.map(_encode_chunk, jobs))
     else:
         results = [_encode_chunk(job) for job in jobs]
     rows = [row for part in results for row in part]
-    if STAGE_KIND[stage] == "text" and packing:
+    if kind == "text" and packing:
         rows = [{"input_ids": b, "labels": list(b), "status": "ok", "origin": f"packed block {i + 1}"}
                 for i, b in enumerate(pack_blocks([r["input_ids"] for r in rows], opts.cutoff_len))]
     return _keep_trainable(rows)
 
 
 def _encode_chunk(job: tuple[list[Example], Template, EncodeOptions, str, bool]) -> list[dict[str, Any]]:
-    examples, template, opts, stage, packing = job
-    kind = STAGE_KIND[stage]
+    examples, template, opts, kind, packing = job
     if kind == "text":
         texts = [e.text for e in examples]  # type: ignore[union-attr]
         ids = _batch_tokenize(template, texts)
@@ -187,7 +197,7 @@ def _render(example: Example, template: Template, kind: str) -> list[str]:
 def _encode_one(example: Example, ids: list[list[int]], kind: str, opts: EncodeOptions) -> dict[str, Any]:
     if kind == "pairwise":
         prompt = [t for piece in ids[:-2] for t in piece]
-        return encode_pairwise(prompt, ids[-2], ids[-1], opts)
+        return encode_pairwise(prompt, ids[-2], ids[-1], opts, tail=len(ids[-3]))
     pairs = [(ids[i], ids[i + 1]) for i in range(0, len(ids), 2)]
     if kind == "kto":
         row = encode_supervised(pairs, EncodeOptions(opts.cutoff_len, opts.train_on_prompt, True, opts.overlong))

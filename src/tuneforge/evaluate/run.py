@@ -66,21 +66,23 @@ def eval_dataset_names(cfg: RunConfig) -> list[str]:
 
 
 def loss_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig) -> dict[str, float]:
-    """Eval loss, perplexity and token accuracy, masked and computed exactly as training's evaluation."""
-    from tuneforge.run import forward_tokens, stage_for
+    """The stage's eval loss and metrics (perplexity and token accuracy for sft/pt), computed exactly as training's
+    evaluation computes them."""
+    from tuneforge.run import forward_tokens, training_rows
+    from tuneforge.stages import build_stage
     from tuneforge.train.loop import LossModule
     from tuneforge.train.loop import evaluate as eval_rows
 
     data_cfg = replace(cfg.data, dataset=eval_dataset_names(cfg), eval_dataset=[], val_size=0.0, packing=False)
-    data = build_datasets(data_cfg, cfg.stage, engine.template, cfg.train.seed)
-    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(data.train["input_ids"], data.train["labels"])]
-    acc = LocalRuntime()
-    stage = stage_for(cfg.stage, engine.tokenizer.pad_token_id)
+    stage = build_stage(cfg, engine.tokenizer.pad_token_id)
+    data = build_datasets(data_cfg, stage.data_kind, engine.template, cfg.train.seed)
+    rows, _ = training_rows(data, replace(cfg, data=data_cfg), stage)
     with engine.adapter_context(adapter):
-        metrics = eval_rows(LossModule(engine.model, stage), stage, rows, cfg.eval.batch_size, acc,
+        metrics = eval_rows(LossModule(engine.model, stage), stage, rows, cfg.eval.batch_size, LocalRuntime(),
                             forward_tokens(cfg.train))
-    return {"loss": metrics["eval_loss"], "perplexity": metrics["eval_perplexity"],
-            "token_accuracy": metrics["eval_accuracy"], "rows": len(rows)}
+    names = {"eval_perplexity": "perplexity", "eval_accuracy": "token_accuracy" if stage.reports_perplexity
+             else "accuracy"}
+    return {**{names.get(k, k.removeprefix("eval_")): v for k, v in metrics.items()}, "rows": len(rows)}
 
 
 def predict_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig, path: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 MEGABATCH = 32  # global micro-batches sorted together when grouping by length
@@ -113,7 +114,8 @@ def pack_rows(rows: list[dict], cutoff: int, seed: int) -> list[dict]:
     return packed
 
 
-def split_by_tokens(rows: list[dict], budget: int) -> list[list[dict]]:
+def split_by_tokens(rows: list[dict], budget: int,
+                    length: Callable[[dict], int] = lambda row: len(row["input_ids"])) -> list[list[dict]]:
     """Cut a micro-batch into forward passes of at most `budget` padded tokens (a longer row goes alone).
 
     The loss is normalised by the window's trained tokens, so the gradient is the same however a micro-batch is
@@ -125,7 +127,7 @@ def split_by_tokens(rows: list[dict], budget: int) -> list[list[dict]]:
     current: list[dict] = []
     longest = 0
     for row in rows:
-        n = len(row["input_ids"])
+        n = length(row)
         if current and (len(current) + 1) * max(longest, n) > budget:
             parts.append(current)
             current, longest = [], 0

@@ -17,6 +17,7 @@ from torch import nn
 from tuneforge.errors import ConfigError
 
 STATE_FILE = "trainer_state.json"  # written last: a folder without it is incomplete and never resumed from
+STAGE_FILE = "stage_state.json"  # a stage's running state (e.g. BCO's reward mean)
 
 
 @dataclass
@@ -34,7 +35,7 @@ def checkpoint_dir(output: Path, step: int) -> Path:
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState,
-                    save_adapter: Any = None) -> None:
+                    save_adapter: Any = None, stage_state: dict[str, Any] | None = None) -> None:
     """Write everything needed to continue exactly; rename into place only when complete."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -46,13 +47,15 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: A
     torch.save(rng_state(), tmp / "rng.pt")
     if save_adapter is not None:
         save_adapter(tmp / "adapter")
+    if stage_state:
+        (tmp / STAGE_FILE).write_text(json.dumps(stage_state), encoding="utf-8")
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> TrainState:
-    """Restore weights, optimizer, schedule and RNG; return the saved position."""
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, stage: Any = None) -> TrainState:
+    """Restore weights, optimizer, schedule, RNG and the stage's running state; return the saved position."""
     weights = load_file(str(folder / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
@@ -65,6 +68,8 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: A
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
+    if stage is not None and (folder / STAGE_FILE).is_file():
+        stage.load_state_dict(json.loads((folder / STAGE_FILE).read_text(encoding="utf-8")))
     return TrainState(**json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
 
 

@@ -30,16 +30,45 @@ from tuneforge.train.tracking import Progress, Tracker
 
 
 class LossModule(nn.Module):
-    """Wraps model + stage so DDP sees one forward that returns (summed loss, trained tokens)."""
+    """Wraps model + stage so DDP sees one forward that returns (summed loss, units, metrics)."""
 
     def __init__(self, model: nn.Module, stage: Stage) -> None:
         super().__init__()
         self.model = model
         self.stage = stage
 
-    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, float]:
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         out = self.stage.loss(self.model, batch)
-        return out.loss_sum, out.tokens, out.metrics.get("correct", 0.0)
+        return out.loss_sum, out.units, out.metrics
+
+
+class Window:
+    """Loss, units and metric [sum, count] pairs added up between two log lines; reduced over processes on read."""
+
+    def __init__(self) -> None:
+        self.loss, self.units, self.metrics = 0.0, 0.0, {}
+
+    def add(self, loss_sum: Tensor, units: float, metrics: dict[str, Tensor]) -> None:
+        self.loss += float(loss_sum.detach().float())
+        self.units += units
+        for name, pair in metrics.items():
+            self.metrics[name] = self.metrics.get(name, 0) + pair
+
+    def read(self, acc: Any, stage: Stage, prefix: str = "") -> dict[str, float]:
+        """{loss, every metric} as window means over all processes (every process calls this together)."""
+        names = sorted(self.metrics)
+        flat = torch.tensor([self.loss, self.units] + [float(v) for n in names for v in self.metrics[n]],
+                            dtype=torch.float64)
+        if acc.num_processes > 1:
+            flat = acc.reduce(flat.to(acc.device), reduction="sum").cpu()
+        values = {f"{prefix}loss": float(flat[0] / max(float(flat[1]), 1))}
+        for i, name in enumerate(names):
+            total, count = float(flat[2 + 2 * i]), float(flat[3 + 2 * i])
+            if count > 0:
+                values[name] = total / count
+        values = stage.summarize({k: v for k, v in values.items()})
+        self.__init__()
+        return {(k if k.startswith(prefix) else prefix + k): round(v, 6) for k, v in values.items()}
 
 
 @dataclass
@@ -72,13 +101,13 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
     This is deliberately one function (~100 lines): the whole loop readable top to bottom.
     """
     acc, plan = run.accelerator, run.plan
-    lengths = [len(r["input_ids"]) for r in train_rows]
+    lengths = [stage.row_length(r) for r in train_rows]
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, plan.total_steps)
     module, optimizer = acc.prepare(LossModule(model, stage), optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     resume = resolve_resume(train.resume_from_checkpoint, run.run_dir)
-    state = load_checkpoint(resume, model, optimizer, scheduler) if resume else TrainState()
+    state = load_checkpoint(resume, model, optimizer, scheduler, stage) if resume else TrainState()
     main = acc.is_main_process
     tracker = Tracker(run.run_dir, train.report_to, run.logging_dir or run.run_dir / "tensorboard",
                       state.step if resume else None, run.tracker_config) if main else None
@@ -88,62 +117,61 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
     eval_every = train.eval_steps or train.save_steps
     session_start, session_step, session_tokens, elapsed_before = time.time(), state.step, 0, state.elapsed
     padded_tokens = 0  # input tokens including padding, for the benchmark's padding overhead
-    window_loss, window_tokens, last_loss = 0.0, 0, None
+    window, last_loss, shown = Window(), None, {}
     module.train()
     with stop_on_signals() as stopped:
         while state.step < plan.total_steps and not stopped():
             micro = [[train_rows[i] for i in b] for b in
                      step_batches(lengths, plan, state.step, train.seed, run.group_by_length, acc.process_index)]
-            micro = [part for rows in micro for part in split_by_tokens(rows, run.forward_tokens)]
-            # Normalise by trained tokens of the whole window on every process, so accum 8 x batch 1 gives the
-            # gradient of batch 8 x accum 1; DDP's gradient averaging is undone by the world-size factor.
-            global_tokens = int(_sum(acc, sum(stage.trained_tokens(rows) for rows in micro)))
-            step_loss = torch.zeros(())
+            micro = [part for rows in micro for part in split_by_tokens(rows, run.forward_tokens, stage.row_length)]
+            # Normalise by the stage's units (trained tokens, pairs, rows) of the whole window on every process,
+            # so accum 8 x batch 1 gives the gradient of batch 8 x accum 1; DDP's averaging is undone by the
+            # world-size factor.
+            global_units = int(_sum(acc, sum(stage.units(rows) for rows in micro)))
+            with acc.autocast():
+                stage.prepare_step(model, micro, acc)
             for i, rows in enumerate(micro):
                 batch = {k: v.to(acc.device) for k, v in stage.collate(rows).items()}
                 sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(module)
                 with sync, acc.autocast():
-                    loss_sum, _, _ = module(batch)
-                    acc.backward(loss_sum * acc.num_processes / max(global_tokens, 1))
-                step_loss += loss_sum.detach().float().cpu()
-                session_tokens += sum(len(r["input_ids"]) for r in rows) * acc.num_processes
+                    loss_sum, units, metrics = module(batch)
+                    acc.backward(loss_sum * acc.num_processes / max(global_units, 1))
+                window.add(loss_sum, float(units), metrics)
+                session_tokens += sum(stage.row_length(r) for r in rows) * acc.num_processes
                 padded_tokens += batch["input_ids"].numel() * acc.num_processes
             grad_norm = _clip(acc, params, train.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.tokens += global_tokens
-            window_loss += float(_sum(acc, step_loss))
-            window_tokens += global_tokens
+            state.tokens += global_units
             elapsed = time.time() - session_start
             state.elapsed = elapsed_before + elapsed
             speed = session_tokens / max(elapsed, 1e-9)
             eta = elapsed / max(state.step - session_step, 1) * (plan.total_steps - state.step)
             lr = scheduler.get_last_lr()[0]
             if state.step % train.logging_steps == 0 or state.step == plan.total_steps:
-                last_loss = window_loss / max(window_tokens, 1)
-                record = {"step": state.step, "epoch": round(epoch_of(state.step, plan), 4),
-                          "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                          "tokens_per_s": round(speed, 2), "elapsed": round(elapsed, 2), "eta": round(eta, 1),
-                          "trained_tokens": state.tokens, "input_tokens": session_tokens,
-                          "padded_tokens": padded_tokens, "time": round(time.time(), 3)}
-                window_loss, window_tokens = 0.0, 0
+                logged = window.read(acc, stage)
+                last_loss = logged["loss"]
+                record = {"step": state.step, "epoch": round(epoch_of(state.step, plan), 4), **logged, "lr": lr,
+                          "grad_norm": round(grad_norm, 6), "tokens_per_s": round(speed, 2),
+                          "elapsed": round(elapsed, 2), "eta": round(eta, 1), "trained_units": state.tokens,
+                          "input_tokens": session_tokens, "padded_tokens": padded_tokens, "time": round(time.time(), 3)}
                 if tracker:
                     tracker.log(record)
-            progress.update({"loss": f"{last_loss:.4f}" if last_loss is not None else "-", "lr": f"{lr:.2e}",
-                             "tok/s": f"{speed:.0f}"})
+                shown = {label: f"{logged[k]:.3f}" for k, label in stage.progress_metrics.items() if k in logged}
+            progress.update({"loss": f"{last_loss:.4f}" if last_loss is not None else "-",
+                             **shown, "lr": f"{lr:.2e}", "tok/s": f"{speed:.0f}"})
             if val_rows and eval_every and (state.step % eval_every == 0 or state.step == plan.total_steps):
                 metrics = evaluate(module, stage, val_rows, train.eval_batch_size, acc, run.forward_tokens)
                 if tracker:
                     tracker.log({"step": state.step, "epoch": round(epoch_of(state.step, plan), 4), **metrics})
-                progress.write(f"step {state.step}: eval_loss {metrics['eval_loss']:.4f} "
-                               f"ppl {metrics['eval_perplexity']:.2f}")
+                progress.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             if train.save_steps and state.step % train.save_steps == 0 and state.step < plan.total_steps:
-                _save(run, model, optimizer, scheduler, state, train.save_total_limit)
+                _save(run, model, optimizer, scheduler, state, stage, train.save_total_limit)
         interrupted = state.step < plan.total_steps
         if interrupted:
-            _save(run, model, optimizer, scheduler, state, train.save_total_limit)
+            _save(run, model, optimizer, scheduler, state, stage, train.save_total_limit)
             progress.write(f"interrupted: checkpoint saved at step {state.step}; rerun with "
                            "train.resume_from_checkpoint=auto to continue")
     progress.close()
@@ -154,32 +182,31 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
 
 def evaluate(module: nn.Module, stage: Stage, rows: list[dict], batch_size: int, acc: Any,
              forward_tokens: int = 0) -> dict[str, float]:
-    """Mean loss over every trained token of the validation rows (sharded across processes), and perplexity."""
+    """eval_loss and every stage metric (eval_ prefixed) over the validation rows, sharded across processes;
+    eval_perplexity for cross-entropy stages. No gradients of any kind are computed."""
     module.eval()
     mine = rows[acc.process_index::acc.num_processes]
-    loss_sum, tokens, correct = torch.zeros(()), torch.zeros(()), torch.zeros(())
+    window = Window()
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
-            for part_rows in split_by_tokens(mine[start:start + batch_size], forward_tokens):
+            for part_rows in split_by_tokens(mine[start:start + batch_size], forward_tokens, stage.row_length):
                 batch = {k: v.to(acc.device) for k, v in stage.collate(part_rows).items()}
                 with acc.autocast():
-                    part, count, hits = module(batch)
-                loss_sum += part.float().cpu()
-                tokens += count.float().cpu()
-                correct += hits
+                    loss_sum, units, metrics = module(batch)
+                window.add(loss_sum, float(units), metrics)
     module.train()
-    total, count, hits = float(_sum(acc, loss_sum)), float(_sum(acc, tokens)), float(_sum(acc, correct))
-    loss = total / max(count, 1)
-    return {"eval_loss": round(loss, 6), "eval_perplexity": round(math.exp(min(loss, 50)), 4),
-            "eval_accuracy": round(hits / max(count, 1), 6)}
+    values = window.read(acc, stage, prefix="eval_")
+    if stage.reports_perplexity:
+        values["eval_perplexity"] = round(math.exp(min(values["eval_loss"], 50)), 4)
+    return values
 
 
-def _save(run: RunContext, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState,
+def _save(run: RunContext, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState, stage: Stage,
           keep: int | None) -> None:
     acc = run.accelerator
     if acc.is_main_process:
         save_checkpoint(checkpoint_dir(run.run_dir, state.step), model, optimizer, scheduler, state,
-                        run.save_weights)
+                        run.save_weights, stage.state_dict())
         prune_checkpoints(run.run_dir, keep)
     acc.wait_for_everyone()
 

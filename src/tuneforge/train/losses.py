@@ -1,11 +1,17 @@
-"""Cross-entropy over the vocabulary computed only at trained positions, chunk by chunk.
+"""Log-probabilities of target tokens through the output head, computed chunk by chunk.
 
-The output projection and the loss are fused: each chunk's logits exist only inside forward, where the
-gradients with respect to the hidden states (and the head weight, when it trains) are computed at once.
-So a [tokens, vocab] logits tensor is never kept for backward and nothing is recomputed.
+The output projection and the log-softmax are fused: each chunk's logits exist only inside forward, where the
+gradient with respect to the hidden states is computed at once. A [tokens, vocab] logits tensor is never kept
+for backward. Every stage takes its log-probs from here: SFT sums them (cross-entropy), DPO/KTO/RM-free stages sum
+or average them per sequence, PPO/GRPO use them per token.
+
+The head weight's gradient, when the head trains, is computed in forward too when the caller promises a uniform
+upstream gradient (SFT: every token weighs the same); otherwise backward recomputes the chunk logits once.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -13,48 +19,112 @@ from torch import Tensor
 CHUNK_TOKENS = 1024
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
+class _LinearTokenLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, compute_dtype: torch.dtype,
-                chunk: int) -> Tensor:
-        # hidden [n, h], weight [v, h], targets [n] -> summed loss (fp32 scalar)
-        device_type = hidden.device.type
-        with torch.autocast(device_type, enabled=False):
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, compute_dtype: torch.dtype, chunk: int,
+                uniform: bool) -> Tensor:
+        # hidden [n, h], weight [v, h], targets [n] -> log p(target) per row, fp32 [n]
+        with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
+            logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
             grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            eager_weight = ctx.needs_input_grad[1] and uniform
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-                if ctx.needs_input_grad[1] else None
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+                if eager_weight else None
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start:start + chunk].to(compute_dtype)  # [c, h]
                 y = targets[start:start + chunk]  # [c]
-                logits = (h @ w.T).float()  # [c, v]
-                lse = torch.logsumexp(logits, dim=-1)  # [c]
-                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-                # d(sum of losses)/d logits = softmax - one_hot(target)
-                grad_logits = torch.exp(logits.sub_(lse[:, None]))
-                grad_logits[torch.arange(len(y), device=y.device), y] -= 1
-                grad_logits = grad_logits.to(compute_dtype)
+                grad_logits, logp = _chunk_grad(h, w, y)
+                logps[start:start + chunk] = logp
                 if grad_hidden is not None:
                     grad_hidden[start:start + chunk] = (grad_logits @ w).to(hidden.dtype)
                 if grad_weight is not None:
                     grad_weight += (grad_logits.T @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        return total
+        ctx.save_for_backward(grad_hidden, grad_weight, hidden if ctx.needs_input_grad[1] else None,
+                              weight if ctx.needs_input_grad[1] else None, targets)
+        ctx.compute_dtype, ctx.chunk, ctx.weight_dtype = compute_dtype, chunk, weight.dtype
+        return logps
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_output if grad_hidden is not None else None
-        gw = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None
+        grad_hidden, grad_weight, hidden, weight, targets = ctx.saved_tensors
+        g = grad_output.float()  # [n]
+        gh = (grad_hidden * g[:, None].to(grad_hidden.dtype)) if grad_hidden is not None else None
+        gw = None
+        if weight is not None:
+            if grad_weight is not None and bool((g == g[0]).all()):
+                gw = grad_weight * g[0]
+            else:  # per-token upstream weights: recompute each chunk's softmax once
+                gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                w = weight.to(ctx.compute_dtype)
+                with torch.autocast(hidden.device.type, enabled=False):
+                    for start in range(0, hidden.shape[0], ctx.chunk):
+                        h = hidden[start:start + ctx.chunk].to(ctx.compute_dtype)
+                        grad_logits, _ = _chunk_grad(h, w, targets[start:start + ctx.chunk])
+                        scaled = grad_logits * g[start:start + ctx.chunk, None].to(grad_logits.dtype)
+                        gw += (scaled.T @ h).float()
+            gw = gw.to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = CHUNK_TOKENS) -> Tensor:
-    """Sum over rows of CE(hidden @ weight.T, targets); matmuls in the autocast dtype when autocast is on."""
+def _chunk_grad(h: Tensor, w: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """d log p(y) / d logits (= one_hot(y) - softmax) in the compute dtype, and log p(y) in fp32."""
+    logits = (h @ w.T).float()  # [c, v]
+    lse = torch.logsumexp(logits, dim=-1)  # [c]
+    logp = logits.gather(1, y[:, None]).squeeze(1) - lse
+    grad = torch.exp(logits.sub_(lse[:, None])).neg_()
+    grad[torch.arange(len(y), device=y.device), y] += 1
+    return grad.to(h.dtype), logp
+
+
+@dataclass
+class TokenLogps:
+    """Log-probs of trained tokens, flattened over a batch, with the row each token belongs to."""
+
+    values: Tensor  # [n] fp32
+    rows: Tensor  # [n] row index in the batch
+    batch: int  # number of rows
+    hits: Tensor | None = None  # [n] bool: the target was the argmax (evaluation only)
+
+    def sum(self, weights: Tensor | None = None) -> Tensor:
+        """Per-row sum of (optionally weighted) log-probs, [batch]."""
+        values = self.values if weights is None else self.values * weights
+        return torch.zeros(self.batch, dtype=values.dtype, device=values.device).index_add(0, self.rows, values)
+
+    def count(self) -> Tensor:
+        """Trained tokens per row, [batch] (fp32)."""
+        ones = torch.ones_like(self.values)
+        return torch.zeros(self.batch, dtype=ones.dtype, device=ones.device).index_add(0, self.rows, ones)
+
+    def mean(self) -> Tensor:
+        """Per-row mean log-prob per trained token, [batch]; 0 for rows with none."""
+        return self.sum() / self.count().clamp(min=1)
+
+
+def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, uniform_grad: bool = False,
+                chunk: int = CHUNK_TOKENS) -> tuple[Tensor, Tensor | None]:
+    """log p(targets | hidden) per row, [n] fp32, with the head matmul in the autocast dtype when autocast is on.
+
+    Under no_grad (evaluation) no gradient of any kind is computed, and argmax hits come back too.
+    """
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     if hidden.shape[0] == 0:
-        return (hidden.sum() * 0.0).float()
-    return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk)
+        return (hidden.sum(-1) * 0.0).float(), None
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearTokenLogps.apply(hidden, weight, targets, dtype, chunk, uniform_grad), None
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        w = weight.to(dtype)
+        logps, hits = [], []
+        for start in range(0, hidden.shape[0], chunk):
+            logits = (hidden[start:start + chunk].to(dtype) @ w.T).float()
+            y = targets[start:start + chunk]
+            logps.append(logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1))
+            hits.append(logits.argmax(-1) == y)
+        return torch.cat(logps), torch.cat(hits)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = CHUNK_TOKENS) -> Tensor:
+    """Sum over rows of CE(hidden @ weight.T, targets) (fp32 scalar); the head's gradient computed in forward."""
+    values, _ = token_logps(hidden, weight, targets, uniform_grad=True, chunk=chunk)
+    return -values.sum()

@@ -35,21 +35,26 @@ class Plan:
     total_params: int
     peak_memory_gb: float
     precision: str
+    stage: str = ""
+    reference_gb: float = 0.0
     estimated_seconds: float | None = None
 
 
 def make_plan(rows: list[dict], report: EncodeReport, batches: BatchPlan, model: nn.Module,
-              precision: str) -> Plan:
-    """Collect the plan's figures."""
+              precision: str, stage: Any) -> Plan:
+    """Collect the plan's figures (memory includes a separately loaded reference model)."""
     trainable, total = count_parameters(model)
-    longest = max(len(r["input_ids"]) for r in rows)
+    lengths = [stage.row_length(r) for r in rows]
+    reference = stage.reference_model()
+    ref_bytes = sum(p.numel() * p.element_size() for p in reference.parameters()) if reference is not None else 0
     return Plan(
-        rows=len(rows), trained_tokens=report.trained_tokens, input_tokens=sum(len(r["input_ids"]) for r in rows),
+        rows=len(rows), trained_tokens=report.trained_tokens, input_tokens=sum(lengths),
         truncated=len(report.truncated), dropped=len(report.dropped), no_trained_tokens=len(report.no_trained_tokens),
         batch_size=batches.batch_size, accumulation=batches.accumulation, world_size=batches.world_size,
         steps_per_epoch=batches.steps_per_epoch, total_steps=batches.total_steps,
         epochs=batches.total_steps / batches.steps_per_epoch, trainable_params=trainable, total_params=total,
-        peak_memory_gb=estimate_memory(model, batches.batch_size * longest, precision) / 2**30, precision=precision,
+        peak_memory_gb=(estimate_memory(model, batches.batch_size * max(lengths), precision) + ref_bytes) / 2**30,
+        precision=precision, stage=stage.describe(), reference_gb=ref_bytes / 2**30,
     )
 
 
@@ -87,8 +92,10 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
                   "(per epoch: floor(ceil(rows / (batch x processes)) / accumulation))"),
         ("parameters", f"{plan.trainable_params:,} trainable of {plan.total_params:,} "
                        f"({100 * plan.trainable_params / max(plan.total_params, 1):.2f}%)"),
+        ("stage", plan.stage),
         ("precision", plan.precision),
-        ("peak memory", f"~{plan.peak_memory_gb:.1f} GB per process (estimate)"),
+        ("peak memory", f"~{plan.peak_memory_gb:.1f} GB per process (estimate"
+                        + (f", {plan.reference_gb:.1f} GB of it the reference model)" if plan.reference_gb else ")")),
     ]
     if plan.estimated_seconds is not None:
         rows.append(("time", f"~{format_seconds(plan.estimated_seconds)} (from two measured steps)"))

@@ -43,12 +43,13 @@ def preview_data(values: dict[str, Any], ws: Workspace, page: int, head: str = "
     format of each row's heading (default: ROW_HEAD)."""
     from tuneforge.data.build import build_datasets
     from tuneforge.data.readers import read_rows
+    from tuneforge.stages import data_kind
 
     cfg = build_config(values, ws)
     specs = check_datasets(cfg, ws, training_datasets(cfg))
     raw = [r for name in cfg.data.dataset for r in read_rows(specs[name])]
     template = _template(cfg)
-    encoded = build_datasets(cfg.data, cfg.stage, template, cfg.train.seed)
+    encoded = build_datasets(cfg.data, data_kind(cfg.stage), template, cfg.train.seed)
     pages = max(1, -(-len(encoded.train) // PAGE_SIZE))
     page = min(max(1, int(page or 1)), pages)
     lo, hi = (page - 1) * PAGE_SIZE, min(page * PAGE_SIZE, len(encoded.train))
