@@ -129,3 +129,40 @@ def test_bundled_datasets_are_reported_clean(tiny_model_dir, stage, datasets, ca
     assert main(["data", "check", f"model.path={tiny_model_dir}", f"stage={stage}", f"data.dataset={datasets}",
                  "data.template=qwen", "data.cutoff_len=4096"]) == 0
     assert "clean: no errors" in capsys.readouterr().out
+
+
+def test_preview_of_a_dpo_pair_marks_chosen_and_rejected(tmp_path, tiny_model_dir, dataset_dir, capsys):
+    write_json(dataset_dir / "p.json", [{"instruction": "Capital of France?", "chosen": "Paris", "rejected": "Rome"}])
+    write_json(dataset_dir / "dataset_info.json", {"p": {"file_name": "p.json", "ranking": True, "columns": {
+        "prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}}})
+    assert main(["data", "preview", make_config(tmp_path, tiny_model_dir, dataset_dir, dataset=["p"]),
+                 "stage=dpo"]) == 0
+    out = capsys.readouterr().out
+    assert "[chosen:" in out and "[rejected:" in out
+    assert "«Paris<|im_end|>\n»" in out and "«Rome<|im_end|>\n»" in out
+    assert "«Capital" not in out  # the prompt is never trained
+
+
+def test_check_names_bad_pairs_and_kto_tags(tmp_path, tiny_model_dir, dataset_dir, capsys):
+    write_json(dataset_dir / "p.json", [
+        {"instruction": "ok", "chosen": "good", "rejected": "bad"},
+        {"instruction": "same", "chosen": "twin", "rejected": "twin"},
+        {"instruction": "missing side", "chosen": "only chosen"},
+        {"instruction": "list side", "chosen": ["a", "b"], "rejected": "bad"},
+    ])
+    write_json(dataset_dir / "k.json", [
+        {"instruction": "q", "output": "a", "label": True},
+        {"instruction": "q", "output": "a", "label": "maybe"},
+    ])
+    write_json(dataset_dir / "dataset_info.json", {
+        "p": {"file_name": "p.json", "ranking": True,
+              "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}},
+        "k": {"file_name": "k.json", "columns": {"prompt": "instruction", "response": "output", "kto_tag": "label"}}})
+    assert main(["data", "check", make_config(tmp_path, tiny_model_dir, dataset_dir, dataset=["p"]), "stage=dpo"]) == 1
+    out = capsys.readouterr().out
+    assert "p.json: row 2: chosen and rejected answers are identical" in out
+    assert "p.json: row 3: missing field 'rejected'" in out
+    assert "p.json: row 4: field 'chosen'" in out
+    assert "p.json: row 1" not in out
+    assert main(["data", "check", make_config(tmp_path, tiny_model_dir, dataset_dir, dataset=["k"]), "stage=kto"]) == 1
+    assert "k.json: row 2: field 'label' (kto_tag) must be true or false, got 'maybe'" in capsys.readouterr().out

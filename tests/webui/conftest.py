@@ -1,4 +1,5 @@
-"""A web UI workspace with the tiny model in models/ and a dataset_info.json that names a missing file."""
+"""A web UI workspace with the tiny model in models/ and a dataset_info.json that names a missing file; the board
+built over it, and form values for a tiny run."""
 
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ def tiny_values(ws, **changes) -> dict:
               "logging_steps": 1, "save_steps": 100, "seed": 42, "lora_rank": 4, "lora_alpha": 0,
               "lora_dropout": 0.0, "lora_targets": "all", "rslora": False, "dora": False, "pissa": False,
               "freeze_layers": 2, "freeze_modules": "all", "quant_type": "nf4", "double_quant": True,
-              "report_to": [], "output_dir": "runs/tiny", "overwrite": False, "resume": False,
+              "pref_beta": None, "pref_loss": "sigmoid", "pref_ftx": 0.0, "label_smoothing": 0.0,
+              "simpo_gamma": None, "ref_model": "", "precompute_ref": False, "kto_chosen_weight": 1.0,
+              "kto_rejected_weight": 1.0, "report_to": [], "output_dir": "runs/tiny", "overwrite": False, "resume": False,
               "extra_args": ""}
     values.update(changes)
     return values
@@ -43,3 +46,21 @@ def tiny_values(ws, **changes) -> dict:
 @pytest.fixture
 def root(workspace) -> Path:
     return workspace.root
+
+
+@pytest.fixture
+def board(workspace):
+    """The board over the workspace; a training child it started is stopped afterwards."""
+    from tuneforge.webui.app import create_app
+
+    demo, board = create_app(workspace)
+    yield board
+    if board.job is not None:  # never leave a training child behind a failed test
+        board.job.abort()
+
+
+def train_handlers(board):
+    """The Train tab's handlers with the form's keys in the order the page passes them."""
+    from tuneforge.webui.tabs_train import TRAIN_KEYS, TrainHandlers
+
+    return TrainHandlers(board, ["model", "hub", "method", "adapters", "template", *TRAIN_KEYS])

@@ -10,20 +10,9 @@ import time
 import pytest
 import yaml
 
-from tests.webui.conftest import tiny_values
+from tests.webui.conftest import tiny_values, train_handlers
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.webui.workspace import PathRefused
-
-
-@pytest.fixture
-def board(workspace):
-    from tuneforge.webui.app import create_app
-
-    demo, board = create_app(workspace)
-    yield board
-    if board.job is not None:  # never leave a training child behind a failed test
-        board.job.abort()
-
 
 # -- language ------------------------------------------------------------------------------------------------
 
@@ -253,7 +242,8 @@ def test_abort_interrupts_the_child(tmp_path):
 
 
 def test_real_train_child_error_reaches_the_status(workspace):
-    """A setting only the child can reject (a stage that is not built) is shown with tuneforge's message."""
+    """A setting only the child can reject (a preference stage on an sft dataset) is shown with tuneforge's
+    message."""
     from tuneforge.webui.form import train_command
     from tuneforge.webui.runner import TrainJob, wait_for
 
@@ -304,22 +294,11 @@ def test_dataset_files_outside_the_dataset_folder_are_refused(workspace, tmp_pat
             preview_data(values, workspace, 1)
 
 
-def test_encoded_html_marks_exactly_the_trained_tokens(tokenizer):
-    from tuneforge.webui.actions import encoded_html
-
-    ids = tokenizer("Q: hi <b> A: yes", add_special_tokens=False)["input_ids"]
-    cut = len(ids) - 2
-    html = encoded_html({"input_ids": ids, "labels": [-100] * cut + ids[cut:], "origin": "f: row 1"}, tokenizer)
-    marked = html.split('<mark class="trained">')[1].split("</mark>")[0]
-    assert marked == tokenizer.decode(ids[cut:]).replace("<", "&lt;").replace(">", "&gt;")
-    assert "&lt;b&gt;" in html and "2 trained" in html
-
-
 def test_start_with_a_missing_dataset_file_fails_at_once(board, workspace):
     from tuneforge.webui.tabs_train import TRAIN_KEYS
 
     values = tiny_values(workspace, dataset=["broken"], output_dir="runs/never")
-    handlers = _train_handlers(board)
+    handlers = train_handlers(board)
     started = time.monotonic()
     progress, status, log, plot, timer, adapters, command = handlers.start(*[values[k] for k in handlers.keys])
     assert time.monotonic() - started < 15  # "within seconds": nothing is launched
@@ -332,7 +311,7 @@ def test_start_poll_and_finish_a_tiny_run(board, workspace):
     from tuneforge.webui.runner import wait_for
 
     values = tiny_values(workspace, output_dir="runs/handler")
-    handlers = _train_handlers(board)
+    handlers = train_handlers(board)
     handlers.start(*[values[k] for k in handlers.keys])
     busy = handlers.start(*[values[k] for k in handlers.keys])
     assert "already in progress" in busy[1]
@@ -343,12 +322,6 @@ def test_start_poll_and_finish_a_tiny_run(board, workspace):
     assert list(frame["step"]) == [1, 2, 3] and "runs/handler" in line
     assert workspace.adapters() == ["runs/handler"] and adapters["choices"] == ["runs/handler"]
     assert (workspace.config_dir / "handler.yaml").is_file()
-
-
-def _train_handlers(board):
-    from tuneforge.webui.tabs_train import TRAIN_KEYS, TrainHandlers
-
-    return TrainHandlers(board, ["model", "hub", "method", "adapters", "template", *TRAIN_KEYS])
 
 
 @pytest.fixture
@@ -442,7 +415,6 @@ def test_webui_command_defaults_and_environment(monkeypatch):
     build_parser().parse_args(["train", "x.yaml"])  # a bad port setting never breaks other commands
 
 
-
 def test_auth_is_user_and_password():
     from tuneforge.cli.webui_cmd import parse_auth
 
@@ -483,7 +455,7 @@ def test_webui_command_serves_the_four_tabs(tmp_path):
 
 
 def test_plan_button_prints_the_plan_or_the_error(board, workspace):
-    handlers = _train_handlers(board)
+    handlers = train_handlers(board)
     values = tiny_values(workspace, output_dir="runs/planned")
     shown = handlers.plan(*[values[k] for k in handlers.keys])
     assert "training plan" in shown and "peak memory" in shown and "two measured steps" in shown, shown
@@ -492,7 +464,6 @@ def test_plan_button_prints_the_plan_or_the_error(board, workspace):
     bad = tiny_values(workspace, output_dir="runs/planned", stage="pt", dataset=["mini"], model="models/nope")
     failed = handlers.plan(*[bad[k] for k in handlers.keys])
     assert failed.startswith("Error:") and "models/nope" in failed and "Traceback" not in failed
-
 
 
 def test_refreshing_datasets_reads_the_folder_again(board, workspace):

@@ -30,8 +30,9 @@ def print_encoded(row: dict[str, Any], tokenizer: Any, console: Console) -> None
     for ids_key, labels_key in keys:
         ids, labels = row[ids_key], row[labels_key]
         trained = sum(1 for t in labels if t != IGNORE_INDEX)
-        title = f"{row.get('origin', '')}  [{ids_key.split('_')[0] if len(keys) > 1 else 'row'}: {len(ids)} tokens, " \
-                f"{trained} trained, {row.get('status', 'ok')}]"
+        kind = ids_key.split("_")[0] if len(keys) > 1 else \
+            {True: "desirable", False: "undesirable"}.get(row.get("kto_label"), "row")
+        title = f"{row.get('origin', '')}  [{kind}: {len(ids)} tokens, {trained} trained, {row.get('status', 'ok')}]"
         console.print(title, style="bold cyan", markup=False)
         out = Text()
         for is_trained, tokens in trained_spans(ids, labels):

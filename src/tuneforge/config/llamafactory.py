@@ -73,6 +73,14 @@ def _not_gc(value: Any) -> Assignments:
     return [("train.gradient_checkpointing", not _truthy(value))]
 
 
+def _save_only_model(value: Any) -> Assignments:
+    """False (LF's default) is what checkpoints here always do: weights plus optimizer, schedule and RNG."""
+    if _truthy(value):
+        raise ConfigError("save_only_model: true is not supported: checkpoints keep the optimizer state so runs "
+                          "resume exactly; remove the key (or set it to false)")
+    return []
+
+
 def _predict(value: Any) -> Assignments:
     """In a training config this asks for predictions at the end of training, as LLaMA-Factory does."""
     return [("eval.modes", ["predict"]), ("eval.after_training", True)] if _truthy(value) else []
@@ -192,6 +200,7 @@ MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "export_device": _export_device,
     "overwrite_output_dir": _to("output.overwrite"),
     "plot_loss": _to("output.plot_loss"),
+    "save_only_model": _save_only_model,
     "logging_dir": _to("output.logging_dir"),
     # preference stages (LF's RLHFArguments); pref_beta and pref_ftx serve dpo and kto alike
     "pref_beta": _to_all("dpo.beta", "kto.beta"),
@@ -236,7 +245,7 @@ UNSUPPORTED: dict[str, str] = {
             "tokenized_path", "streaming", "buffer_size", "rope_scaling", "shift_attn", "use_unsloth",
             "enable_liger_kernel", "use_galore", "use_badam", "use_apollo", "loraplus_lr_ratio",
             "pissa_convert", "pissa_iter", "resize_vocab", "split_special_tokens", "new_special_tokens",
-            "upcast_layernorm", "upcast_lmhead_output", "save_only_model", "adam_beta1", "adam_beta2",
+            "upcast_layernorm", "upcast_lmhead_output", "adam_beta1", "adam_beta2",
             "adam_epsilon", "media_dir", "image_max_pixels", "video_max_pixels",
             "freeze_vision_tower", "tool_format", "use_llama_pro", "quantization_device_map", "pure_bf16",
             "data_seed", "vllm_maxlen", "moe_aux_loss_coef",

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.build import encode_options
-from tuneforge.data.pipeline import encode_examples, load_examples, split_validation
-from tuneforge.data.types import Example, RowProblem
+from tuneforge.data.pipeline import IDENTITY_SETS, encode_examples, load_examples, split_validation
+from tuneforge.data.types import Example, PreferencePair, RowProblem
 from tuneforge.errors import TuneforgeError
 from tuneforge.templates.base import Template
 
@@ -47,6 +47,7 @@ def check_datasets(cfg: RunConfig, template: Template, kind: str) -> list[Datase
         health.rows = loaded.raw_count
         health.problems += loaded.problems
         _check_duplicates(loaded.examples, health)
+        _check_pairs(loaded.examples, health)
         _check_placeholders(loaded.examples, health, name)
         _check_encoding(loaded.examples, template, cfg, health, kind)
         if name in data.dataset:
@@ -76,8 +77,16 @@ def _check_duplicates(examples: list[Example], health: DatasetHealth) -> None:
             first[key] = example.origin
 
 
+def _check_pairs(examples: list[Example], health: DatasetHealth) -> None:
+    """A pair whose chosen and rejected answers are the same teaches nothing (its DPO gradient is zero)."""
+    for example in examples:
+        if isinstance(example, PreferencePair) and example.chosen == example.rejected:
+            health.problems.append(RowProblem(example.origin, "chosen and rejected answers are identical; fix or "
+                                              "remove the pair", kind="pair"))
+
+
 def _check_placeholders(examples: list[Example], health: DatasetHealth, name: str) -> None:
-    if name == "identity":
+    if name in IDENTITY_SETS:
         return
     for example in examples:
         if "{{name}}" in repr(vars(example)) or "{{author}}" in repr(vars(example)):

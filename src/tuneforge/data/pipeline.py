@@ -34,6 +34,8 @@ from tuneforge.templates.base import Template
 # A data kind is what a stage trains on (each stage declares its own; see tuneforge.stages):
 # text (pre-training), sft (conversations), pairwise (preference pairs), kto (labelled answers).
 KINDS = ("text", "sft", "pairwise", "kto")
+# Built-in sets whose {{name}} / {{author}} placeholders are filled from data.identity.
+IDENTITY_SETS = ("identity", "identity_pref", "identity_pref_eval")
 CHUNK = 512
 
 
@@ -60,7 +62,7 @@ def load_examples(data: DataConfig, name: str, kind: str, seed: int, strict: boo
         rows = rows[: data.max_samples]
     loaded = LoadedDataset(name, spec, [], raw_count=raw_count)
     for row in rows:
-        if name == "identity":
+        if name in IDENTITY_SETS:
             row = RawRow(substitute_identity(row.data, data.identity.name, data.identity.author), row.file, row.row)
         try:
             example = to_example(row, spec, want_text=kind == "text")

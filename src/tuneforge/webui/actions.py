@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.config import RunConfig, load_tree
-from tuneforge.webui.form import TOP_KEYS, build_config, config_tree, confine
+from tuneforge.webui.form import STAGE_KEYS, TOP_KEYS, build_config, config_tree, confine
 from tuneforge.webui.workspace import PathRefused, Workspace
 
 PAGE_SIZE = 5
@@ -38,9 +38,10 @@ def dataset_names(ws: Workspace, dataset_dir: str | None) -> list[str]:
     return sorted(load_catalog(folder))
 
 
-def preview_data(values: dict[str, Any], ws: Workspace, page: int, head: str = "") -> DataPreview:
+def preview_data(values: dict[str, Any], ws: Workspace, page: int, head: str = "",
+                 parts: dict[str, str] | None = None) -> DataPreview:
     """One page of encoded training rows (trained text marked) beside the raw rows they came from; `head` is the
-    format of each row's heading (default: ROW_HEAD)."""
+    format of each row's heading (default: ROW_HEAD) and `parts` names its parts (default: PART_NAMES)."""
     from tuneforge.data.build import build_datasets
     from tuneforge.data.readers import read_rows
     from tuneforge.stages import data_kind
@@ -54,35 +55,57 @@ def preview_data(values: dict[str, Any], ws: Workspace, page: int, head: str = "
     page = min(max(1, int(page or 1)), pages)
     lo, hi = (page - 1) * PAGE_SIZE, min(page * PAGE_SIZE, len(encoded.train))
     rows = encoded.train.select(range(lo, hi))
-    by_origin = {r.origin: r for r in raw}
-    sources = [by_origin[row["origin"]] for row in rows if row.get("origin") in by_origin] or raw[lo:hi]
+    sources = raw_sources(raw, rows) or raw[lo:hi]
     report = encoded.report
     counts = {"raw": len(raw), "encoded": len(encoded.train), "template": template.name,
               "truncated": len(report.truncated), "dropped": len(report.dropped)}
-    return DataPreview([{"origin": r.origin, **r.data} for r in sources],
-                       "".join(encoded_html(row, template.tokenizer, head) for row in rows), page, pages, counts)
+    shown = "".join(encoded_html(row, template.tokenizer, head, parts) for row in rows)
+    return DataPreview([{"origin": r.origin, **r.data} for r in sources], shown, page, pages, counts)
+
+
+def raw_sources(raw: list[Any], rows: Any) -> list[Any]:
+    """The raw row each encoded row came from, in order and once each; a kto row split off a preference pair
+    is found by the pair's origin (its own adds the side: "file: row 3 (chosen)")."""
+    by_origin = {r.origin: r for r in raw}
+    found: list[Any] = []
+    for row in rows:
+        origin = row.get("origin") or ""
+        source = by_origin.get(origin) or by_origin.get(origin.rsplit(" (", 1)[0])
+        if source is not None and all(source is not f for f in found):
+            found.append(source)
+    return found
 
 
 ROW_HEAD = "{origin} [{part}: {tokens} tokens, {trained} trained]"
+PART_NAMES = {p: p for p in ("row", "chosen", "rejected", "desirable", "undesirable")}
 
 
-def encoded_html(row: dict[str, Any], tokenizer: Any, head_format: str = "") -> str:
-    """One encoded row as HTML: trained text in <mark class="trained">, masked context plain."""
+def row_sequences(row: dict[str, Any]) -> list[tuple[str, list[int], list[int]]]:
+    """(part, input ids, labels) of an encoded row: a preference pair's chosen and rejected sequences, a kto
+    row's one sequence named by its label, or the row itself."""
+    if "input_ids" not in row:
+        return [(side, row[f"{side}_input_ids"], row[f"{side}_labels"]) for side in ("chosen", "rejected")]
+    part = "row" if "kto_label" not in row else "desirable" if row["kto_label"] else "undesirable"
+    return [(part, row["input_ids"], row["labels"])]
+
+
+def encoded_html(row: dict[str, Any], tokenizer: Any, head_format: str = "",
+                 parts: dict[str, str] | None = None) -> str:
+    """One encoded row as HTML: trained text in <mark class="trained">, masked context plain; a preference pair
+    shows its chosen and its rejected sequence, each with its own heading."""
     from tuneforge.data.encode import IGNORE_INDEX, trained_spans
 
-    keys = [("input_ids", "labels")] if "input_ids" in row else \
-        [("chosen_input_ids", "chosen_labels"), ("rejected_input_ids", "rejected_labels")]
-    parts = []
-    for ids_key, labels_key in keys:
-        ids, labels = row[ids_key], row[labels_key]
+    names = parts or PART_NAMES
+    shown = []
+    for part, ids, labels in row_sequences(row):
         trained = sum(1 for t in labels if t != IGNORE_INDEX)
         head = (head_format or ROW_HEAD).format(origin=row.get("origin", ""), tokens=len(ids), trained=trained,
-                                                 part=ids_key.split("_")[0] if len(keys) > 1 else "row")
+                                                 part=names[part])
         body = "".join(f'<mark class="trained">{html.escape(tokenizer.decode(t))}</mark>' if is_trained
                        else html.escape(tokenizer.decode(t)) for is_trained, t in trained_spans(ids, labels))
-        parts.append(f'<div class="tf-row"><div class="tf-row-head">{html.escape(head)}</div>'
+        shown.append(f'<div class="tf-row"><div class="tf-row-head">{html.escape(head)}</div>'
                      f'<pre class="tf-row-text">{body}</pre></div>')
-    return "".join(parts)
+    return "".join(shown)
 
 
 def plan(argv: list[str], cwd: Path) -> str:
@@ -120,8 +143,9 @@ def _template(cfg: RunConfig) -> Any:
 
 
 def top_tree(values: dict[str, Any], ws: Workspace) -> dict[str, Any]:
-    """The config sections the top bar sets (model, method, adapters, template) and the dataset folder."""
-    keep = {k: values.get(k) for k in (*TOP_KEYS, "dataset_dir")}
+    """The config sections the top bar sets (model, method, adapters, template), the dataset folder, and the
+    stage with its preference settings where `values` has them (the Evaluate tab: loss mode is the stage's own)."""
+    keep = {k: values.get(k) for k in (*TOP_KEYS, "dataset_dir", *STAGE_KEYS)}
     tree = config_tree(keep, ws)
     tree.pop("finetune", None)  # what was trained is fixed by the adapter; eval and export only read it
     return tree

@@ -47,6 +47,21 @@ LORA = {"lora_rank": "finetune.lora.rank", "lora_dropout": "finetune.lora.dropou
         "rslora": "finetune.lora.rslora", "dora": "finetune.lora.dora", "pissa": "finetune.lora.pissa_init"}
 QUANT = {"quant_type": "model.quantization_type", "double_quant": "model.double_quantization"}
 FREEZE = {"freeze_layers": "finetune.freeze.trainable_layers"}
+# The preference panel: each field lands in the section of the chosen stage (beta and ftx serve dpo and kto,
+# as LLaMA-Factory's pref_beta and pref_ftx do); a value equal to the section's default is left out.
+REFERENCE = {"ref_model": "reference.model", "precompute_ref": "reference.precompute"}
+PREFERENCE: dict[str, dict[str, str]] = {
+    "dpo": {"pref_beta": "dpo.beta", "pref_loss": "dpo.loss", "pref_ftx": "dpo.ftx",
+            "label_smoothing": "dpo.label_smoothing", "simpo_gamma": "dpo.simpo_gamma", **REFERENCE},
+    "kto": {"pref_beta": "kto.beta", "pref_ftx": "kto.ftx", "kto_chosen_weight": "kto.chosen_weight",
+            "kto_rejected_weight": "kto.rejected_weight", **REFERENCE},
+}
+# What the panel shows when the stage has no such setting (empty beta and gamma: the per-loss defaults).
+PREFERENCE_FORM = {"pref_beta": None, "pref_loss": "sigmoid", "pref_ftx": 0.0, "label_smoothing": 0.0,
+                   "simpo_gamma": None, "ref_model": "", "precompute_ref": False, "kto_chosen_weight": 1.0,
+                   "kto_rejected_weight": 1.0}
+PREFERENCE_KEYS = list(PREFERENCE_FORM)
+STAGE_KEYS = ["stage", *PREFERENCE_KEYS]  # the stage and its settings, which the Evaluate tab passes on too
 
 
 @dataclass
@@ -84,6 +99,7 @@ def config_tree(values: dict[str, Any], ws: Workspace) -> dict[str, Any]:
         _put(tree, "finetune.freeze.trainable_modules", _names(values.get("freeze_modules")))
     for key, dotted in chosen.items():
         _put(tree, dotted, values.get(key))
+    put_preference(tree, values)
     _put(tree, "data.packing", PACKING.get(values.get("packing") or "auto"))
     _put(tree, "model.adapter_path", list(values.get("adapters") or []) or None)
     _put(tree, "data.dataset_dir", values.get("dataset_dir"))
@@ -98,6 +114,15 @@ def config_tree(values: dict[str, Any], ws: Workspace) -> dict[str, Any]:
     return tree
 
 
+def put_preference(tree: dict[str, Any], values: dict[str, Any]) -> None:
+    """The preference panel's values that differ from their defaults, into the chosen stage's sections."""
+    defaults = _defaults()
+    for key, dotted in PREFERENCE.get(values.get("stage") or "sft", {}).items():
+        value = values.get(key)
+        if value not in (None, "") and value != defaults[dotted]:
+            _put(tree, dotted, value)
+
+
 def confine(tree: dict[str, Any], ws: Workspace) -> None:
     """Resolve every path setting in the tree, refusing one outside the folder the web UI keeps it in."""
     folders = {"output.dir": ws.runs_dir, "output.logging_dir": ws.runs_dir, "data.dataset_dir": ws.data_dir,
@@ -107,12 +132,14 @@ def confine(tree: dict[str, Any], ws: Workspace) -> None:
         value = _lookup(tree, dotted)
         if value is not None:
             _put(tree, dotted, str(ws.inside(value, folder, dotted)))
-    if _lookup(tree, "model.path") is not None:
-        _put(tree, "model.path", ws.model_path(str(_lookup(tree, "model.path"))))
-    adapters = _lookup(tree, "model.adapter_path")
-    if adapters is not None:
-        adapters = [adapters] if isinstance(adapters, str) else adapters
-        _put(tree, "model.adapter_path", [str(ws.inside(a, ws.runs_dir, "adapter")) for a in adapters] or None)
+    for dotted in ("model.path", "reference.model"):
+        if _lookup(tree, dotted) is not None:
+            _put(tree, dotted, ws.model_path(str(_lookup(tree, dotted))))
+    for dotted in ("model.adapter_path", "reference.adapters"):
+        adapters = _lookup(tree, dotted)
+        if adapters is not None:
+            adapters = [adapters] if isinstance(adapters, str) else adapters
+            _put(tree, dotted, [str(ws.inside(a, ws.runs_dir, "adapter")) for a in adapters] or None)
     resume = _lookup(tree, "train.resume_from_checkpoint")
     if resume not in (None, "auto"):
         _put(tree, "train.resume_from_checkpoint", str(ws.inside(resume, ws.runs_dir, "checkpoint")))
@@ -167,7 +194,17 @@ def form_values(cfg: RunConfig, ws: Workspace) -> dict[str, Any]:
     values["output_dir"] = ws.relative(Path(cfg.output.dir))
     values["resume"] = cfg.train.resume_from_checkpoint is not None
     values["packing"] = {None: "auto", True: "true", False: "false"}[cfg.data.packing]
+    values.update(preference_values(cfg, ws))
     values["extra_args"] = "\n".join(extra_lines(cfg, values))
+    return values
+
+
+def preference_values(cfg: RunConfig, ws: Workspace) -> dict[str, Any]:
+    """The preference panel's values for a config: its stage's settings, the panel's defaults for the rest."""
+    values = dict(PREFERENCE_FORM)
+    for key, dotted in PREFERENCE.get(cfg.stage, {}).items():
+        values[key] = _get(cfg, dotted)
+    values["ref_model"] = ws.relative(Path(values["ref_model"])) if values["ref_model"] else ""
     return values
 
 
@@ -184,13 +221,31 @@ def extra_lines(cfg: RunConfig, values: dict[str, Any]) -> list[str]:
     from tuneforge.config.typed import flatten, to_dict
 
     lines = []
-    defaults = flatten(to_dict(RunConfig()), leaves=("inline",))
+    defaults = _defaults()
+    held = FORM_PATHS | set(PREFERENCE.get(cfg.stage, {}).values()) | _mirrored(cfg)
     for dotted, value in flatten(to_dict(cfg), leaves=("inline",)).items():
-        if dotted not in FORM_PATHS and value != defaults.get(dotted):
+        if dotted not in held and value != defaults.get(dotted):
             lines.append(f"{dotted}={json.dumps(value, ensure_ascii=False)}")
     if cfg.train.resume_from_checkpoint not in (None, "auto"):
         lines.append(f"train.resume_from_checkpoint={json.dumps(cfg.train.resume_from_checkpoint)}")
     return lines
+
+
+def _mirrored(cfg: RunConfig) -> set[str]:
+    """beta and ftx of the other preference section where they equal the stage's own: LLaMA-Factory's pref_beta
+    and pref_ftx set both sections, and the panel's one field stands for both."""
+    other = {"dpo": "kto", "kto": "dpo"}.get(cfg.stage)
+    if other is None:
+        return set()
+    return {f"{other}.{name}" for name in ("beta", "ftx")
+            if _get(cfg, f"{other}.{name}") == _get(cfg, f"{cfg.stage}.{name}")}
+
+
+def _defaults() -> dict[str, Any]:
+    """Every setting's default by dotted path."""
+    from tuneforge.config.typed import flatten, to_dict
+
+    return flatten(to_dict(RunConfig()), leaves=("inline",))
 
 
 def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -69,6 +69,16 @@ STRINGS: dict[str, tuple[str, str]] = {
     "quant_panel": ("Quantization", "量化参数"),
     "quant_type": ("4-bit data type", "4 比特数据类型"),
     "double_quant": ("Double quantization", "双重量化"),
+    "pref_panel": ("Preference (dpo, kto)", "偏好训练参数（dpo、kto）"),
+    "pref_beta": ("Beta (empty: the default, 0.1; simpo 2.0)", "Beta（留空为默认值 0.1，simpo 为 2.0）"),
+    "pref_loss": ("DPO loss", "DPO 损失类型"),
+    "pref_ftx": ("SFT loss weight (ftx)", "SFT 损失权重（ftx）"),
+    "label_smoothing": ("Label smoothing (cDPO, sigmoid loss)", "标签平滑（cDPO，仅 sigmoid 损失）"),
+    "simpo_gamma": ("SimPO gamma (empty: 1.0)", "SimPO gamma（留空为 1.0）"),
+    "ref_model": ("Reference model (empty: the policy's starting point)", "参考模型（留空为策略模型的初始状态）"),
+    "precompute_ref": ("Precompute reference log-probs", "预先计算参考模型的对数概率"),
+    "kto_chosen_weight": ("KTO desirable weight", "KTO 正样本权重"),
+    "kto_rejected_weight": ("KTO undesirable weight", "KTO 负样本权重"),
     # buttons and outputs
     "preview_cmd": ("Preview command", "预览命令"),
     "save_args": ("Save args", "保存参数"),
@@ -81,7 +91,7 @@ STRINGS: dict[str, tuple[str, str]] = {
     "plan_output": ("Plan: steps, memory, time", "训练计划：步数、内存、时间"),
     "status": ("Status", "状态"),
     "log": ("Log", "日志"),
-    "loss_plot": ("Loss", "损失曲线"),
+    "loss_plot": ("Loss (and reward accuracy and margins)", "损失曲线（及奖励准确率与奖励差值）"),
     "progress": ("Progress", "进度"),
     # evaluate
     "eval_dataset": ("Evaluation datasets", "评估数据集"),
@@ -156,6 +166,11 @@ MESSAGES: dict[str, tuple[str, str]] = {
                         "丢弃 {dropped} 条 | 第 {page} / {pages} 页"),
     "row_head": ("{origin} [{part}: {tokens} tokens, {trained} trained]",
                  "{origin} [{part}：{tokens} 个 token，其中 {trained} 个参与训练]"),
+    "part_row": ("row", "样本"),
+    "part_chosen": ("chosen", "优选回答"),
+    "part_rejected": ("rejected", "劣选回答"),
+    "part_desirable": ("desirable", "正样本"),
+    "part_undesirable": ("undesirable", "负样本"),
     "model_desc": ("{model} | adapters: {adapters} | template {template}", "{model} | 适配器：{adapters} | 模板 {template}"),
 }
 

@@ -15,11 +15,15 @@ from typing import Any
 ABORT_GRACE_S = 120  # SIGINT lets the run save a checkpoint (large for a full fine-tune); then it is killed
 LOG_TAIL_LINES = 40
 PLOT_POINTS = 400
+# What the live plot draws of each training record that has them: the loss, and for preference stages the reward
+# accuracy and margins (dpo, kto) or the reward model's pair accuracy (rm).
+CURVES = ("loss", "rewards/accuracies", "rewards/margins", "accuracy")
 
 
 @dataclass
 class JobStatus:
-    """What the Train tab shows: state, progress, the loss curve, the log tail and the error (if any)."""
+    """What the Train tab shows: state, progress, the curves (`losses`: step, loss and, for preference stages,
+    reward accuracy and margins), the log tail and the error (if any)."""
 
     state: str  # idle | starting | running | finished | failed | aborted
     step: int = 0
@@ -88,7 +92,7 @@ class TrainJob:
         metrics = [m for m in self.metrics if "loss" in m]
         tail = log_tail(self.log_path)
         status = JobStatus("running" if metrics else "starting", run_dir=str(self.run_dir), log_tail=tail,
-                           losses=thin([{"step": m["step"], "loss": m["loss"]} for m in metrics]))
+                           losses=thin([{k: m[k] for k in ("step", *CURVES) if k in m} for m in metrics]))
         self.total = self.total or planned_steps(self.run_dir)
         status.total = self.total
         if metrics:

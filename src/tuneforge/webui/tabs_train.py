@@ -9,16 +9,16 @@ from typing import Any
 from tuneforge.io import write_text_atomic
 from tuneforge.train.plan import format_seconds
 from tuneforge.webui import actions
-from tuneforge.webui.form import TOP_KEYS, load_args, save_args, train_command
-from tuneforge.webui.runner import JobStatus, TrainJob
+from tuneforge.webui.form import PREFERENCE_KEYS, TOP_KEYS, load_args, save_args, train_command
+from tuneforge.webui.runner import CURVES, JobStatus, TrainJob
 
 TERMINAL = ("finished", "failed", "aborted")
 TRAIN_KEYS = ["stage", "dataset_dir", "dataset", "identity_name", "identity_author", "learning_rate", "epochs",
               "max_steps", "cutoff_len", "max_samples", "batch_size", "grad_accum", "scheduler", "warmup_ratio",
               "precision", "max_grad_norm", "val_size", "packing", "logging_steps", "save_steps", "seed",
               "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "rslora", "dora", "pissa", "freeze_layers",
-              "freeze_modules", "quant_type", "double_quant", "report_to", "output_dir", "overwrite", "resume",
-              "extra_args"]
+              "freeze_modules", "quant_type", "double_quant", *PREFERENCE_KEYS, "report_to", "output_dir",
+              "overwrite", "resume", "extra_args"]
 
 
 def default_output_dir() -> str:
@@ -35,6 +35,7 @@ def build(board: Any) -> tuple[Any, list[Any]]:
         parts = _data_section(board)
         _hyperparameters(board)
         _method_panels(board)
+        _preference_panel(board)
         parts.update(_run_section(board))
         parts["timer"] = gr.Timer(1.0, active=False)
     return _wire(board, parts)
@@ -89,7 +90,7 @@ def _run_section(board: Any) -> dict[str, Any]:
     board.live.append((status, lambda: status_line(board.job.status() if board.job else JobStatus("idle"), board)))
     with gr.Row():
         board.field("log", gr.Textbox, lines=14, max_lines=14, interactive=False, autoscroll=True)
-        board.field("loss_plot", gr.LinePlot, x="step", y="loss", value=loss_frame([]))
+        board.field("loss_plot", gr.LinePlot, x="step", y="value", color="series", value=loss_frame([]))
     with gr.Row():
         board.field("command", gr.Code, language="yaml", interactive=False, lines=12, max_lines=24)
         board.field("plan_output", gr.Textbox, lines=12, interactive=False)
@@ -124,9 +125,10 @@ class TrainHandlers:
     def preview(self, *args: Any) -> tuple[Any, str, str, int]:
         """One page of raw and encoded rows."""
         values, page = self.board.values(self.keys, args[:-1]), args[-1]
+        head = self.board.say("row_head", origin="{origin}", part="{part}", tokens="{tokens}", trained="{trained}")
+        parts = {part: self.board.say(f"part_{part}") for part in actions.PART_NAMES}
         try:
-            shown = actions.preview_data(values, self.board.ws, page, self.board.say("row_head", origin="{origin}",
-                                         part="{part}", tokens="{tokens}", trained="{trained}"))
+            shown = actions.preview_data(values, self.board.ws, page, head, parts)
         except Exception as err:  # shown in the page, never a traceback (Board.error)
             return [], "", self.board.error(err), page
         summary = self.board.say("preview_summary", page=shown.page, pages=shown.pages, **shown.counts)
@@ -249,11 +251,13 @@ def progress_html(status: JobStatus, board: Any) -> str:
             f'style="width:{share:.1f}%"></div></div><span>{html.escape(label)}</span></div>')
 
 
-def loss_frame(losses: list[dict[str, Any]]) -> Any:
-    """The loss curve as the table gr.LinePlot draws."""
+def loss_frame(points: list[dict[str, Any]]) -> Any:
+    """The curves as the long table gr.LinePlot draws (one line per series): the loss, and for preference
+    stages the reward accuracy (or the reward model's accuracy) and the reward margins."""
     import pandas as pd
 
-    return pd.DataFrame(losses or [], columns=["step", "loss"])
+    rows = [(p["step"], key, p[key]) for key in CURVES for p in points if key in p]
+    return pd.DataFrame(rows, columns=["step", "series", "value"])
 
 
 def _hyperparameters(board: Any) -> None:
@@ -302,3 +306,27 @@ def _method_panels(board: Any) -> None:
         with gr.Row():
             board.field("quant_type", gr.Dropdown, choices=["nf4", "fp4"], value="nf4")
             board.field("double_quant", gr.Checkbox, value=True)
+
+
+def _preference_panel(board: Any) -> None:
+    """dpo and kto settings; the form puts each into the chosen stage's section (see form.PREFERENCE)."""
+    from typing import get_args
+
+    import gradio as gr
+
+    from tuneforge.config import RunConfig
+    from tuneforge.config.typed import field_type
+
+    losses = list(get_args(field_type(RunConfig, "dpo.loss")))
+    with board.block(gr.Accordion, "pref_panel", open=False):
+        with gr.Row():
+            board.field("pref_beta", gr.Number, value=None, minimum=0)
+            board.field("pref_loss", gr.Dropdown, choices=losses, value=losses[0])
+            board.field("pref_ftx", gr.Number, value=0.0, minimum=0)
+            board.field("label_smoothing", gr.Number, value=0.0, minimum=0, maximum=0.5)
+            board.field("simpo_gamma", gr.Number, value=None)
+        with gr.Row():
+            board.field("ref_model", gr.Textbox, value="", scale=3)
+            board.field("precompute_ref", gr.Checkbox, value=False, scale=1)
+            board.field("kto_chosen_weight", gr.Number, value=1.0, minimum=0, scale=1)
+            board.field("kto_rejected_weight", gr.Number, value=1.0, minimum=0, scale=1)

@@ -6,7 +6,7 @@ from typing import Any
 
 from tuneforge.webui import actions
 from tuneforge.webui.chat import generation, respond
-from tuneforge.webui.form import TOP_KEYS
+from tuneforge.webui.form import STAGE_KEYS, TOP_KEYS
 
 TOP = [*TOP_KEYS, "dataset_dir"]
 EVAL_KEYS = ["eval_dataset", "eval_modes", "eval_task", "eval_cutoff_len", "eval_max_samples", "eval_batch",
@@ -41,7 +41,7 @@ def build_eval(board: Any) -> None:
         table = board.field("metrics", gr.Dataframe, interactive=False)
         files = board.field("result_files", gr.File, file_count="multiple", interactive=False)
 
-    keys = TOP + EVAL_KEYS
+    keys = TOP + STAGE_KEYS + EVAL_KEYS  # the Train tab's stage: loss mode measures what that stage trains
     shown: dict[str, Any] = {}  # the last results, re-said when the language changes
 
     def on_run(*args: Any) -> tuple[Any, Any, str]:
