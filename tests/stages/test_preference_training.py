@@ -274,3 +274,42 @@ def test_two_process_ddp_dpo_matches_one_process(tmp_path, tiny_model_dir):
     one, two = records_at(tmp_path / "single"), records_at(tmp_path / "ddp")
     for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-5), key
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto", "rm"])
+def test_qlora_trains_each_preference_stage(make_cfg, stage):
+    settings = {"dpo": DPO, "kto": KTO, "rm": RM}[stage]
+    model, before, _ = train_in_process(make_cfg(*settings, "model.quantization_bit=4", "train.precision=bf16",
+                                                 "train.max_steps=2"))
+    after = snapshot(model)
+    moved = {n for n in after if not torch.equal(after[n], before[n])}
+    assert moved and all("lora_" in n or n.startswith("v_head") for n in moved)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(make_cfg()))
+
+
+def test_plan_of_a_dpo_run_names_the_reference_and_counts_its_memory(make_cfg, tmp_path, capsys):
+    from tuneforge.cli.main import main
+
+    cfg = make_cfg()
+    assert main(["train", "--plan", f"model.path={cfg.model.path}", "stage=dpo", "data.dataset=dpo_en_demo",
+                 "data.template=chatml", "finetune.method=full", "data.max_samples=8",
+                 f"output.dir={tmp_path / 'plan'}"]) == 0
+    err = " ".join(capsys.readouterr().err.replace("│", " ").split())  # the table wraps long cells
+    assert "reference: a frozen copy of the starting model" in err
+    assert "of it the reference model" in err and "from two measured steps" in err
+
+
+def test_rm_continuing_an_adapter_loads_its_value_head(make_cfg, tmp_path):
+    from safetensors.torch import load_file
+
+    from tuneforge.run import finish, fit_job, prepare
+
+    first = make_cfg(*RM, "train.max_steps=2", f"output.dir={tmp_path / 'first'}")
+    job = prepare(first)
+    finish(job, fit_job(job))
+    saved = load_file(str(tmp_path / "first" / "adapter" / "value_head.safetensors"))
+    again = prepare(make_cfg(*RM, f"model.adapter_path={tmp_path / 'first' / 'adapter'}",
+                             f"output.dir={tmp_path / 'second'}"))
+    assert "loaded from" in again.plan.stage
+    assert torch.equal(again.model.v_head.summary.weight.detach(), saved["v_head.summary.weight"])
+    assert torch.equal(again.model.v_head.summary.bias.detach(), saved["v_head.summary.bias"])
