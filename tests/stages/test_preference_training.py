@@ -48,7 +48,7 @@ def independent_logps(model, ids: list[int], labels: list[int]) -> tuple[float, 
     return float(logps.sum()), int(keep.sum())
 
 
-@pytest.mark.parametrize("loss", ["ipo", "simpo", "sigmoid"])
+@pytest.mark.parametrize("loss", ["ipo", "simpo", "orpo", "sigmoid"])
 def test_dpo_loss_uses_sums_or_per_token_means_as_each_variant_says(make_cfg, loss):
     from tuneforge.run import prepare
 
@@ -74,10 +74,14 @@ def test_dpo_loss_uses_sums_or_per_token_means_as_each_variant_says(make_cfg, lo
             expected += (z - 1 / (2 * beta)) ** 2
         elif loss == "simpo":  # per-token means, no reference; default beta 2.0, gamma 1.0
             expected += math.log1p(math.exp(-(beta * (pc / nc - pr / nr) - 1.0)))
+        elif loss == "orpo":  # per-token means, no reference: NLL of chosen + beta * odds-ratio loss
+            mc, mr = pc / nc, pr / nr
+            log_odds = (mc - mr) - (math.log(1 - math.exp(mc)) - math.log(1 - math.exp(mr)))
+            expected += -mc + beta * math.log1p(math.exp(-log_odds))
         else:  # sums
             expected += math.log1p(math.exp(-beta * ((pc - rc) - (pr - rr))))
     assert float(out.loss_sum) == pytest.approx(expected, rel=1e-4)
-    assert (beta, stage.reference is None) == ({"simpo": (2.0, True)}.get(loss, (0.1, False)))
+    assert (beta, stage.reference is None) == ({"simpo": (2.0, True), "orpo": (0.1, True)}.get(loss, (0.1, False)))
 
 
 def test_reference_is_the_starting_adapter_when_continuing_one(make_cfg, tiny_run):
