@@ -1,5 +1,9 @@
 """The inference engine (transformers backend): a base model with named adapters, prompts built by the training
-template, streaming, stop words, and one generation at a time (a lock), so concurrent callers queue safely."""
+template, streaming, stop words, and one generation at a time (a lock), so concurrent callers queue safely.
+
+Reward models (stage rm) are served by the same engine: a value head saved beside an adapter (or in a full model
+folder) is loaded with it, and `score` gives the head's value at each sequence's last token.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +18,20 @@ from typing import Any
 import torch
 
 from tuneforge.config.schema import GenerationConfig, ModelConfig
+from tuneforge.data.encode import EncodeOptions, encode_pairwise
 from tuneforge.data.types import Message
 from tuneforge.errors import ModelError
+from tuneforge.models.hub import resolve_model_dir
 from tuneforge.models.load import load_model, load_tokenizer
+from tuneforge.models.valuehead import ValueHead, WithValueHead, find_value_head, hidden_size, load_value_head
 from tuneforge.paths import RUN_INFO
 from tuneforge.templates import get_template
 from tuneforge.templates.base import Template
 
 BASE = False  # pass as `adapter` to answer with the base model
+MODEL_HEAD = ""  # value_heads key of a head that belongs to the model itself (a full reward model), not an adapter
+SCORE_BATCH = 8  # sequences per scoring forward pass; the engine's lock is taken once per batch
+DEFAULT_MAX_POSITIONS = 1024  # scoring cut when the model's config names no max_position_embeddings (as LF)
 
 
 def adapter_folder(path: str | Path) -> Path:
@@ -60,10 +70,68 @@ class ChatEngine:
     default_system: str | None
     adapters: list[str] = field(default_factory=list)
     lock: Any = field(default_factory=threading.Lock)
+    value_heads: dict[str, ValueHead] = field(default_factory=dict)  # adapter name (or MODEL_HEAD) -> its value head
+    info: dict[str, Any] = field(default_factory=dict)  # what training recorded beside the last loaded weights
 
     @property
     def has_adapter(self) -> bool:
         return bool(self.adapters)
+
+    def head_key(self, adapter: bool | str) -> str:
+        """Which weights `adapter` selects: an adapter's name, or MODEL_HEAD for the model without adapters."""
+        if isinstance(adapter, str):
+            return adapter
+        return self.adapters[-1] if adapter and self.adapters else MODEL_HEAD
+
+    def is_reward_model(self, adapter: bool | str = True) -> bool:
+        """Whether these weights have a value head (a reward model, stage rm)."""
+        return self.head_key(adapter) in self.value_heads
+
+    def reward_model(self, adapter: bool | str = True) -> WithValueHead:
+        """Base + adapter + value head of the selected weights; one clear error when they have no head."""
+        key = self.head_key(adapter)
+        if key not in self.value_heads:
+            what = f"adapter '{key}'" if key else "the model"
+            raise ModelError(f"{what} has no value head (value_head.safetensors); only reward models trained with "
+                             "stage rm give scores")
+        return WithValueHead(self.model, self.value_heads[key])
+
+    def score(self, sequences: list[list[int]], adapter: bool | str = True,
+              batch_size: int = SCORE_BATCH) -> list[float]:
+        """Value-head score at each sequence's last token, batch by batch (the lock is held for one batch)."""
+        from tuneforge.stages.base import attention_mask, pad
+        from tuneforge.stages.rm import last_token_scores
+
+        reward = self.reward_model(adapter)
+        if not all(sequences):
+            raise ModelError("cannot score an empty sequence: each text needs at least one token")
+        scores: list[float] = []
+        for start in range(0, len(sequences), batch_size):
+            part = sequences[start:start + batch_size]
+            batch = {"input_ids": pad(part, self.tokenizer.pad_token_id), "attention_mask": attention_mask(part)}
+            with self.lock, self.adapter_context(adapter), torch.no_grad():
+                device = next(self.model.parameters()).device
+                scores += last_token_scores(reward, {k: v.to(device) for k, v in batch.items()}).tolist()
+        return scores
+
+    def max_positions(self) -> int:
+        """Longest sequence the model takes (its config's max_position_embeddings, else 1024 as LLaMA-Factory)."""
+        return int(self.model.config.to_dict().get("max_position_embeddings") or DEFAULT_MAX_POSITIONS)
+
+    def text_ids(self, text: str, max_length: int | None = None) -> list[int]:
+        """A raw text to score, tokenized as LLaMA-Factory's score API does: no template, no special tokens,
+        the end cut so at most max_length (default: the model's max positions) tokens remain."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))[: max_length or self.max_positions()]
+
+    def answer_ids(self, messages: list[Message], system: str | None, tools: str | None = None,
+                   max_length: int | None = None) -> list[int]:
+        """A conversation ending with an answer, encoded exactly as training encoded a preference pair's side:
+        the template's prompt pieces, then the answer with its end-of-turn tokens, cut by the same rule."""
+        pieces = self.template.encode_pairs(messages, system, tools)
+        prompt = [t for p, r in pieces[:-1] for t in p + r] + pieces[-1][0]
+        answer = pieces[-1][1]
+        opts = EncodeOptions(cutoff_len=max_length or self.max_positions())
+        return encode_pairwise(prompt, answer, answer, opts, tail=len(pieces[-1][0]))["chosen_input_ids"]
 
     def generate(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
                  tools: str | None = None, stop: list[str] | None = None) -> str:
@@ -206,16 +274,20 @@ def load_engine(model_cfg: ModelConfig, template: str = "auto", default_system: 
                 enable_thinking: bool = True, named: dict[str, str] | None = None) -> ChatEngine:
     """Base + adapters. model.adapter_path entries stack (earlier ones merged, the last switchable); `named`
     adapters are loaded side by side, each selectable by name. Template and system prompt come from the last
-    adapter's run unless given."""
+    adapter's run (or a full model folder's) unless given; value heads saved beside the weights load too."""
     from peft import PeftModel
 
     stacked = [adapter_folder(a) for a in model_cfg.adapter_path]
     separate = {name: adapter_folder(path) for name, path in (named or {}).items()}
     folders = stacked + list(separate.values())
-    info = run_info(folders[-1]) if folders else {}
     base = model_cfg
-    if folders and model_cfg.path == ModelConfig.path and info.get("base_model"):
-        base = replace(model_cfg, path=info["base_model"])  # the run knows its base
+    if folders:
+        info = run_info(folders[-1])
+        if model_cfg.path == ModelConfig.path and info.get("base_model"):
+            base = replace(model_cfg, path=info["base_model"])  # the run knows its base
+    base_folder = resolve_model_dir(base)
+    if not folders:
+        info = run_info(base_folder)  # a full run's model/ folder records its template and stage too
     tokenizer = load_tokenizer(replace(base, adapter_path=[]), padding_side="left")
     model = load_model(base)
     for folder in stacked[:-1]:
@@ -230,7 +302,24 @@ def load_engine(model_cfg: ModelConfig, template: str = "auto", default_system: 
             model.load_adapter(str(folder), adapter_name=name)
         names.append(name)
     model.eval()
+    heads = load_value_heads(model, [(MODEL_HEAD, base_folder), *loaded])
     template_name = template if template != "auto" else info.get("template", "auto")
     system = default_system if default_system is not None else info.get("default_system")
     chosen = get_template(template_name, tokenizer, system, info.get("enable_thinking", enable_thinking))
-    return ChatEngine(model, tokenizer, chosen, system, names)
+    return ChatEngine(model, tokenizer, chosen, system, names, value_heads=heads, info=info)
+
+
+def load_value_heads(model: Any, sources: list[tuple[str, Path]]) -> dict[str, ValueHead]:
+    """The value head saved in each (name, folder), if any; a folder whose run was stage rm must have one."""
+    heads: dict[str, ValueHead] = {}
+    for name, folder in sources:
+        found = find_value_head(folder)
+        if found is None:
+            if run_info(folder).get("stage") == "rm":
+                raise ModelError(f"{folder} was trained with stage rm but its value head is missing (expected "
+                                 "value_head.safetensors beside the weights)")
+            continue
+        head = ValueHead(hidden_size(model), dropout=0.0)
+        load_value_head(found, head)
+        heads[name] = head.to(next(model.parameters()).device).eval()
+    return heads

@@ -1,4 +1,5 @@
-"""`tuneforge api`: serve a base model and its adapters with an OpenAI-compatible API."""
+"""`tuneforge api`: serve a base model and its adapters with an OpenAI-compatible API; reward models (a value head
+beside the weights, or stage=rm / --stage rm as in LLaMA-Factory) answer POST /v1/score/evaluation."""
 
 from __future__ import annotations
 
@@ -39,6 +40,17 @@ def adapter_names(paths: list[str], flags: list[str]) -> dict[str, str]:
     return named
 
 
+def reward_models(engine: Any, base_name: str, required: bool) -> list[str]:
+    """Names of the served models that have a value head; stage rm without any is one clear error."""
+    served = {base_name: False, **{name: name for name in engine.adapters}}
+    found = [name for name, adapter in served.items() if engine.is_reward_model(adapter)]
+    if required and not found:
+        raise ConfigError("stage rm serves reward models, but none of the served weights has a value head "
+                          "(value_head.safetensors beside the adapter or in the model folder); give the run of a "
+                          "stage rm training in model.adapter_path (adapter_name_or_path)")
+    return found
+
+
 def cmd_api(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any]) -> int:
     """Load the model once and serve it until interrupted."""
     import uvicorn
@@ -54,9 +66,13 @@ def cmd_api(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any
     engine = load_engine(replace(cfg.model, adapter_path=[]), cfg.data.template, cfg.data.default_system,
                          cfg.data.enable_thinking, named=named)
     base_name = Path(cfg.model.path).name if Path(cfg.model.path).exists() else cfg.model.path
-    app = create_app(engine, base_name, args.api_key or os.environ.get("API_KEY") or None, cfg.generation)
+    rewards = reward_models(engine, base_name, cfg.stage == "rm")
+    app = create_app(engine, base_name, args.api_key or os.environ.get("API_KEY") or None, cfg.generation,
+                     reward=cfg.stage == "rm")
     host = args.host or os.environ.get("API_HOST", "127.0.0.1")
     port = args.port or int(os.environ.get("API_PORT", "8000"))
     print(f"serving {', '.join([base_name, *engine.adapters])} on http://{host}:{port}/v1", flush=True)
+    if rewards:
+        print(f"reward models (POST /v1/score/evaluation): {', '.join(rewards)}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

@@ -1,9 +1,15 @@
-"""`tuneforge eval`: loss, predict and choice modes on one engine; with --compare-base, the base model too."""
+"""`tuneforge eval`: loss, predict and choice modes on one engine; with --compare-base, the base model too.
+
+Preference-trained weights (stages rm, dpo, kto; see evaluate.pairs) are evaluated as their stage: the stage's own
+loss and metrics, plus log-prob preference accuracy on pairs for every model; a reward model's predict mode scores
+both answers of each pair."""
 
 from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,16 +17,18 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tuneforge.chat.engine import ChatEngine, load_engine
-from tuneforge.config.schema import RunConfig
+from tuneforge.config.schema import DataConfig, RunConfig
 from tuneforge.data.build import build_datasets
 from tuneforge.data.pipeline import load_examples
 from tuneforge.data.types import Conversation
 from tuneforge.errors import DataError
 from tuneforge.evaluate import choice as mc
+from tuneforge.evaluate import pairs
 from tuneforge.evaluate.metrics import repeats_itself, score
 from tuneforge.io import write_text_atomic
 
 CHOICE_DROP_FLAG = 5.0  # accuracy points
+COUNT_KEYS = ("rows", "questions", "pairs")  # sizes, not metrics: left out of the report's table
 
 
 class LocalRuntime:
@@ -38,6 +46,7 @@ class LocalRuntime:
 def evaluate(cfg: RunConfig, compare_base: bool = False) -> dict[str, Any]:
     """Run every configured mode for the tuned model (and the base); write results.json and report.md."""
     engine = load_engine(cfg.model, cfg.data.template, cfg.data.default_system, cfg.data.enable_thinking)
+    cfg, inferred = pairs.resolve_stage(cfg, engine)
     out = Path(cfg.eval.dir)
     out.mkdir(parents=True, exist_ok=True)
     models = {"tuned": True, "base": False} if compare_base and engine.has_adapter else \
@@ -47,7 +56,15 @@ def evaluate(cfg: RunConfig, compare_base: bool = False) -> dict[str, Any]:
         for mode in cfg.eval.modes:
             suffix = "" if name in ("tuned", "model") else f"_{name}"
             if mode == "loss":
-                results[name]["loss"] = loss_mode(engine, adapter, cfg)
+                with stage_explained(inferred, cfg.stage):
+                    results[name]["loss"] = loss_mode(engine, adapter, cfg)
+            elif mode == "predict" and cfg.stage == "rm":
+                with stage_explained(inferred, cfg.stage):
+                    rows = pairs.pair_rows(eval_data(cfg), engine, cfg.train.seed)
+                scored = pairs.reward_predictions(engine, adapter, rows, cfg.eval.batch_size,
+                                                  out / f"predictions{suffix}.jsonl")
+                if scored is not None:  # the base of a LoRA reward model has no value head to score with
+                    results[name]["predict"] = scored
             elif mode == "predict":
                 results[name]["predict"] = predict_mode(engine, adapter, cfg, out / f"predictions{suffix}.jsonl")
             else:
@@ -55,6 +72,18 @@ def evaluate(cfg: RunConfig, compare_base: bool = False) -> dict[str, Any]:
     write_text_atomic(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     write_text_atomic(out / "report.md", report_markdown(results, out, cfg.eval.samples))
     return results
+
+
+@contextmanager
+def stage_explained(inferred: bool, stage: str) -> Iterator[None]:
+    """Explain a data error when the stage came from the weights' run info rather than the config."""
+    try:
+        yield
+    except DataError as err:
+        if not inferred:
+            raise
+        raise DataError(f"{err}. Stage {stage} was taken from the weights' tuneforge_run.json; set stage=sft to "
+                        "evaluate them on conversations instead") from None
 
 
 def eval_dataset_names(cfg: RunConfig) -> list[str]:
@@ -65,24 +94,37 @@ def eval_dataset_names(cfg: RunConfig) -> list[str]:
     return names
 
 
+def eval_data(cfg: RunConfig) -> DataConfig:
+    """The data section evaluation encodes: the evaluation datasets as one unsplit, unpacked set."""
+    return replace(cfg.data, dataset=eval_dataset_names(cfg), eval_dataset=[], val_size=0.0, packing=False)
+
+
 def loss_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig) -> dict[str, float]:
     """The stage's eval loss and metrics (perplexity and token accuracy for sft/pt), computed exactly as training's
-    evaluation computes them."""
+    evaluation computes them; for preference stages also preference_accuracy and logp_margin on the pairs."""
     from tuneforge.run import forward_tokens, training_rows
     from tuneforge.stages import build_stage
     from tuneforge.train.loop import LossModule
     from tuneforge.train.loop import evaluate as eval_rows
 
-    data_cfg = replace(cfg.data, dataset=eval_dataset_names(cfg), eval_dataset=[], val_size=0.0, packing=False)
+    data_cfg = eval_data(cfg)
     stage = build_stage(cfg, engine.tokenizer.pad_token_id)
     data = build_datasets(data_cfg, stage.data_kind, engine.template, cfg.train.seed)
     rows, _ = training_rows(data, replace(cfg, data=data_cfg), stage)
-    with engine.adapter_context(adapter):
-        metrics = eval_rows(LossModule(engine.model, stage), stage, rows, cfg.eval.batch_size, LocalRuntime(),
-                            forward_tokens(cfg.train))
-    names = {"eval_perplexity": "perplexity", "eval_accuracy": "token_accuracy" if stage.reports_perplexity
-             else "accuracy"}
-    return {**{names.get(k, k.removeprefix("eval_")): v for k, v in metrics.items()}, "rows": len(rows)}
+    results: dict[str, float] = {}
+    model = pairs.stage_model(stage, engine, adapter, cfg)
+    if model is not None:
+        with engine.adapter_context(adapter):
+            metrics = eval_rows(LossModule(model, stage), stage, rows, cfg.eval.batch_size, LocalRuntime(),
+                                forward_tokens(cfg.train))
+        engine.model.eval()  # evaluate() leaves the module in training mode
+        names = {"eval_perplexity": "perplexity", "eval_accuracy": "token_accuracy" if stage.reports_perplexity
+                 else "accuracy"}
+        results = {names.get(k, k.removeprefix("eval_")): v for k, v in metrics.items()}
+    if cfg.stage in pairs.PREFERENCE_STAGES and (stage.data_kind == "pairwise" or pairs.pairwise_data(data_cfg)):
+        pair_data = rows if stage.data_kind == "pairwise" else pairs.pair_rows(data_cfg, engine, cfg.train.seed)
+        results.update(pairs.pair_figures(engine, adapter, pair_data, cfg.eval.batch_size))
+    return {**results, "rows": len(rows)}
 
 
 def predict_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig, path: Path) -> dict[str, Any]:
@@ -167,33 +209,47 @@ def report_markdown(results: dict[str, Any], out: Path, samples: int) -> str:
     header = "| metric | " + " | ".join(names) + (" | delta |" if len(names) == 2 else " |")
     lines += [header, "|" + "---|" * (len(names) + 1 + (len(names) == 2))]
     for metric, values in rows:
-        cells = [f"{values.get(n, float('nan')):.4g}" for n in names]
-        delta = f" | {values[names[0]] - values[names[1]]:+.4g}" if len(names) == 2 else ""
+        cells = [f"{values[n]:.4g}" if n in values else "-" for n in names]
+        both = len(names) == 2 and all(n in values for n in names)
+        delta = (f" | {values[names[0]] - values[names[1]]:+.4g}" if both else " | -") if len(names) == 2 else ""
         lines.append(f"| {metric} | " + " | ".join(cells) + delta + " |")
     lines += ["", "## Flags", ""] + (flags(results) or ["none"])
     if "predict" in results[names[0]]:
-        lines += ["", "## Sample predictions", ""]
-        files = {n: read_predictions(Path(results[n]["predict"]["file"])) for n in names}
-        for i in range(min(samples, len(files[names[0]]))):
-            first = files[names[0]][i]
-            lines += [f"**{first['prompt']}** (reference: {first['label']})", ""]
-            lines += [f"- {n}: {files[n][i]['predict']}" for n in names if i < len(files[n])]
-            lines.append("")
+        lines += ["", "## Sample predictions", ""] + sample_lines(results, samples)
     return "\n".join(lines) + "\n"
 
 
+def sample_lines(results: dict[str, Any], samples: int) -> list[str]:
+    """The first predictions of each model side by side: answers, or a reward model's pair scores."""
+    files = {n: read_predictions(Path(m["predict"]["file"])) for n, m in results.items() if "predict" in m}
+    names = list(files)
+    lines: list[str] = []
+    for i in range(min(samples, len(files[names[0]]))):
+        first = files[names[0]][i]
+        if "predict" in first:
+            lines += [f"**{first['prompt']}** (reference: {first['label']})", ""]
+            lines += [f"- {n}: {files[n][i]['predict']}" for n in names if i < len(files[n])]
+        else:  # reward-model scores of a pair
+            lines += [f"**{first['origin']}**", ""]
+            lines += [f"- {n}: chosen {files[n][i]['chosen']}, rejected {files[n][i]['rejected']}"
+                      for n in names if i < len(files[n])]
+        lines.append("")
+    return lines
+
+
 def metric_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
-    """(metric name, value per evaluated model) for every numeric result, choice subjects included."""
-    first = next(iter(results.values()))
-    rows = []
-    for mode, metrics in first.items():
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key not in ("rows", "questions"):
-                rows.append((f"{mode} {key}", {n: results[n][mode][key] for n in results}))
-        if mode == "choice":
-            for subject in metrics["subjects"]:
-                rows.append((f"choice {subject}", {n: results[n][mode]["subjects"][subject] for n in results}))
-    return rows
+    """(metric name, value per evaluated model that has it) for every numeric result, choice subjects included;
+    a metric only one model has (e.g. the reward accuracy of a model with a value head) still gets its row."""
+    rows: dict[str, dict[str, float]] = {}
+    for name, modes in results.items():
+        for mode, metrics in modes.items():
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key not in COUNT_KEYS:
+                    rows.setdefault(f"{mode} {key}", {})[name] = value
+            if mode == "choice":
+                for subject, value in metrics["subjects"].items():
+                    rows.setdefault(f"choice {subject}", {})[name] = value
+    return list(rows.items())
 
 
 def flags(results: dict[str, Any]) -> list[str]:
@@ -204,10 +260,10 @@ def flags(results: dict[str, Any]) -> list[str]:
         if drop > CHOICE_DROP_FLAG:
             out.append(f"- REGRESSION: choice accuracy fell {drop:.1f} points after tuning (forgetting?)")
     for name, modes in results.items():
-        predict = modes.get("predict")
-        if predict and predict["never_stopped"]:
+        predict = modes.get("predict", {})
+        if predict.get("never_stopped"):
             out.append(f"- {name}: {predict['never_stopped']} of {predict['rows']} answers never stopped "
                        "(hit max_new_tokens)")
-        if predict and predict["repetition_loops"]:
+        if predict.get("repetition_loops"):
             out.append(f"- {name}: {predict['repetition_loops']} answers repeat themselves in a loop")
     return out

@@ -1,6 +1,7 @@
-"""An OpenAI-compatible HTTP API over the chat engine: /v1/models and /v1/chat/completions (with SSE streaming)."""
+"""An OpenAI-compatible HTTP API over the chat engine: /v1/models and /v1/chat/completions (with SSE streaming);
+reward models (stage rm) answer LLaMA-Factory's POST /v1/score/evaluation instead."""
 
-# No `from __future__ import annotations`: FastAPI must see the real request-model classes defined in create_app.
+# No `from __future__ import annotations`: FastAPI must see the real request-model classes (request_models).
 
 import asyncio
 import json
@@ -14,20 +15,36 @@ from tuneforge.chat.engine import BASE, ChatEngine, Completion
 from tuneforge.config.schema import GenerationConfig
 from tuneforge.data.types import Message
 from tuneforge.errors import TuneforgeError
+from tuneforge.serve.messages import score_sequences, to_messages
+
+MAX_SCORE_ITEMS = 128  # texts per score request; each batch of SCORE_BATCH holds the engine's lock only briefly
 
 
 def create_app(engine: ChatEngine, base_name: str, api_key: str | None = None,
-               defaults: GenerationConfig | None = None) -> Any:
-    """The FastAPI app. Models: `base_name` (no adapter) and one per loaded adapter, by adapter name."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, Field
-    from sse_starlette.sse import EventSourceResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+               defaults: GenerationConfig | None = None, reward: bool = False) -> Any:
+    """The FastAPI app. Models: `base_name` (no adapter) and one per loaded adapter, by adapter name. Weights with
+    a value head are reward models: they score (POST /v1/score/evaluation) and do not chat; with `reward`
+    (stage rm) no model chats."""
+    from fastapi import FastAPI
 
-    defaults = defaults or GenerationConfig()
     models = {base_name: BASE, **{name: name for name in engine.adapters}}
+    chat_request, score_request = request_models()
+    app = FastAPI(title="tuneforge API", version="1")
+    add_guards(app, api_key)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "tuneforge"}
+                                           for name in models]}
+
+    add_chat_route(app, engine, models, defaults or GenerationConfig(), reward, chat_request)
+    add_score_route(app, engine, models, score_request)
+    return app
+
+
+def request_models() -> tuple[Any, Any]:
+    """The pydantic request bodies: chat completions, and score evaluation (LLaMA-Factory's, plus chat arrays)."""
+    from pydantic import BaseModel, Field
 
     class ChatMessage(BaseModel):
         role: Literal["system", "user", "assistant", "tool", "function"]
@@ -52,26 +69,48 @@ def create_app(engine: ChatEngine, base_name: str, api_key: str | None = None,
         frequency_penalty: float | None = None
         user: str | None = None
 
-    app = FastAPI(title="tuneforge API", version="1")
+    class ScoreRequest(BaseModel):
+        model: str
+        messages: list[str | list[ChatMessage]]  # raw texts (as LLaMA-Factory) or conversations ending in an answer
+        max_length: int | None = Field(None, ge=1)
 
-    def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-              code: str | None = None) -> JSONResponse:
-        return JSONResponse(status_code=status, content={
-            "error": {"message": message, "type": kind, "param": param, "code": code}})
+    return ChatRequest, ScoreRequest
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+          code: str | None = None) -> Any:
+    """An OpenAI-style error response."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=status, content={
+        "error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+def no_such_model(requested: str, models: dict[str, Any]) -> Any:
+    """404 naming the served models."""
+    return error(404, f"model '{requested}' does not exist; available: {', '.join(models)}", param="model",
+                 code="model_not_found")
+
+
+def add_guards(app: Any, api_key: str | None) -> None:
+    """Errors as OpenAI-style JSON (bad requests are 400), and the bearer key on every /v1 route when set."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> Any:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", []) if p != "body")
         return error(400, f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid JSON body",
                      param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
         return error(exc.status_code, str(exc.detail), kind="invalid_request_error")
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> Any:
         return error(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
 
     @app.middleware("http")
@@ -82,16 +121,21 @@ def create_app(engine: ChatEngine, base_name: str, api_key: str | None = None,
                              kind="authentication_error", code="invalid_api_key")
         return await call_next(request)
 
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "tuneforge"}
-                                           for name in models]}
+
+def add_chat_route(app: Any, engine: ChatEngine, models: dict[str, Any], defaults: GenerationConfig,
+                   reward: bool, chat_request: Any) -> None:
+    """POST /v1/chat/completions, streaming or not, n choices; reward models are refused (405, as LLaMA-Factory)."""
+    from sse_starlette.sse import EventSourceResponse
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest) -> Any:
+    async def chat(body: chat_request) -> Any:
         if body.model not in models:
-            return error(404, f"model '{body.model}' does not exist; available: {', '.join(models)}",
-                         param="model", code="model_not_found")
+            return no_such_model(body.model, models)
+        if reward or engine.is_reward_model(models[body.model]):
+            what = f"'{body.model}' is a reward model" if engine.is_reward_model(models[body.model]) else \
+                "this server runs stage rm"
+            return error(405, f"Not allowed: {what}; reward models score texts at POST /v1/score/evaluation and "
+                         "do not chat", code="not_allowed")
         try:
             messages, system = to_messages(body.messages)
         except TuneforgeError as err:
@@ -121,37 +165,39 @@ def create_app(engine: ChatEngine, base_name: str, api_key: str | None = None,
         return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": choices, "usage": usage}
 
-    return app
+
+def add_score_route(app: Any, engine: ChatEngine, models: dict[str, Any], score_request: Any) -> None:
+    """POST /v1/score/evaluation: value-head scores of texts (LLaMA-Factory's request and response) or of
+    conversations rendered with the trained template (the response then names it); generative models get 405."""
+
+    @app.post("/v1/score/evaluation")
+    async def score(body: score_request) -> Any:
+        name = scoring_model(engine, models, body.model)
+        if name is None:
+            return no_such_model(body.model, models)
+        if not engine.is_reward_model(models[name]):
+            return error(405, f"Not allowed: '{name}' is not a reward model (no value head); scores come from "
+                         "models trained with stage rm", code="not_allowed")
+        if not body.messages or len(body.messages) > MAX_SCORE_ITEMS:
+            return error(400, f"messages: give 1 to {MAX_SCORE_ITEMS} texts (or chat message arrays) to score, "
+                         f"got {len(body.messages)}", param="messages")
+        try:
+            sequences, chats = score_sequences(engine, body.messages, body.max_length)
+        except TuneforgeError as err:
+            return error(400, str(err), param="messages")
+        scores = await asyncio.to_thread(engine.score, sequences, models[name])
+        answer = {"id": f"scoreval-{uuid.uuid4().hex}", "object": "score.evaluation", "model": name,
+                  "scores": scores}
+        return {**answer, "template": engine.template.name} if chats else answer
 
 
-def to_messages(raw: list[Any]) -> tuple[list[Message], str | None]:
-    """OpenAI messages -> canonical turns (system apart); turns must alternate prompt/answer and end with a prompt."""
-    system = None
-    messages: list[Message] = []
-    for i, m in enumerate(raw):
-        content = m.content if isinstance(m.content, str) else "".join(
-            part.get("text", "") for part in (m.content or []) if part.get("type") == "text")
-        if m.role == "system":
-            if i != 0:
-                raise TuneforgeError(f"messages[{i}]: a system message must come first")
-            system = content
-        elif m.role == "user":
-            messages.append(Message("user", content))
-        elif m.role in ("tool", "function"):
-            messages.append(Message("observation", content))
-        elif m.tool_calls:
-            calls = [c.get("function", c) for c in m.tool_calls]
-            messages.append(Message("function", json.dumps(calls, ensure_ascii=False)))
-        else:
-            messages.append(Message("assistant", content))
-    if not messages or messages[-1].role not in ("user", "observation"):
-        raise TuneforgeError("messages: the last message must be from the user (or a tool result)")
-    for i, message in enumerate(messages):
-        prompt = message.role in ("user", "observation")
-        if prompt != (i % 2 == 0):
-            raise TuneforgeError(f"messages: turn {i + 1} is '{message.role}' but turns must alternate "
-                                 "user (or tool) and assistant after the optional system message")
-    return messages, system
+def scoring_model(engine: ChatEngine, models: dict[str, Any], requested: str) -> str | None:
+    """The served model a score request names; an unknown name means the one reward model when there is exactly
+    one (LLaMA-Factory ignores the name; its PPO sends "model")."""
+    if requested in models:
+        return requested
+    rewards = [name for name, adapter in models.items() if engine.is_reward_model(adapter)]
+    return rewards[0] if len(rewards) == 1 else None
 
 
 def choice(index: int, done: Completion, tools: str | None) -> dict[str, Any]:

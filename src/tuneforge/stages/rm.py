@@ -44,7 +44,7 @@ class RewardStage(PairStage):
         head = ValueHead(hidden_size(model), self.run.rm.head_dropout)
         source = Path(self.run.model.adapter_path[-1]) if self.run.model.adapter_path else \
             resolve_model_dir(self.run.model)
-        found = find_value_head(source)
+        found = find_value_head(source) or find_value_head(source / "adapter")  # an adapter, or a run folder
         if found:
             load_value_head(found, head)
         self.head_source = str(found) if found else None
