@@ -75,3 +75,16 @@ def test_text_rows_append_eos_and_train_everything():
 
 def test_pack_blocks_concatenates_and_chunks_without_losing_tokens():
     assert pack_blocks([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 4) == [[1, 2, 3, 4], [5, 6, 7, 8], [9]]
+
+
+def test_a_cut_prompt_keeps_its_start_and_the_assistant_header():
+    from tuneforge.data.encode import EncodeOptions, encode_pairwise
+
+    # prompt: 10 tokens of system/history (1..10) + a final turn with its header (101, 102, 103); answers 6 tokens
+    prompt = list(range(1, 11)) + [101, 102, 103]
+    row = encode_pairwise(prompt, [7] * 6, [8] * 4, EncodeOptions(cutoff_len=14), tail=3)
+    # infer_seqlen(13, 6, 14): 2*6 < 14 -> the answer is kept whole, the prompt gets 8 tokens:
+    # its first 5 and its last 3 (the header next to the answer), never the head alone as LLaMA-Factory does
+    assert row["chosen_input_ids"] == [1, 2, 3, 4, 5, 101, 102, 103] + [7] * 6
+    assert row["rejected_input_ids"] == [1, 2, 3, 4, 5, 101, 102, 103] + [8] * 4
+    assert row["chosen_labels"] == [-100] * 8 + [7] * 6 and row["status"] == "truncated"

@@ -317,3 +317,20 @@ def test_rm_continuing_an_adapter_loads_its_value_head(make_cfg, tmp_path):
     assert "loaded from" in again.plan.stage
     assert torch.equal(again.model.v_head.summary.weight.detach(), saved["v_head.summary.weight"])
     assert torch.equal(again.model.v_head.summary.bias.detach(), saved["v_head.summary.bias"])
+
+
+def test_kto_warns_about_class_balance_and_missing_classes(caplog):
+    from tuneforge.config.schema import KTOConfig
+    from tuneforge.stages.kto import KTOStage
+
+    rows = [{"kto_label": True}] * 6 + [{"kto_label": False}] * 2
+    with caplog.at_level("WARNING"):
+        KTOStage(0, KTOConfig()).check_rows(rows)  # 1*6 / (1*2) = 3: far from 1
+    assert "= 3.00" in caplog.text and "kto.rejected_weight" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        KTOStage(0, KTOConfig(rejected_weight=3.0)).check_rows(rows)  # 6 / 6 = 1: balanced
+    assert caplog.text == ""
+    with caplog.at_level("WARNING"):
+        KTOStage(0, KTOConfig()).check_rows([{"kto_label": False}] * 3)
+    assert "every row is undesirable" in caplog.text

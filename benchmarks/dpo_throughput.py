@@ -1,0 +1,452 @@
+"""DPO LoRA throughput and memory: tuneforge vs LLaMA-Factory 0.9.5, side by side in one run.
+
+Usage: python benchmarks/dpo_throughput.py [--pairs 16] [--epochs 1] [--repeats 1] [--max-steps N]
+                                           [--lf-venv PATH] [--no-lf]
+
+One synthetic pairwise set (alpaca ranking format, prompts and answers of varied length, every sequence within
+the 512-token cutoff so neither tool truncates) and ONE LLaMA-Factory-style flat YAML (stage dpo, LoRA r8 on all
+linear layers, sigmoid loss, beta 0.1, cutoff 512, batch 4, no accumulation, bf16) are written into a temp folder
+and run, each configuration as its own process measured by the same harness:
+
+- LF:                     `llamafactory-cli train` (LLaMA-Factory 0.9.5 in its own venv, installed on first use
+                          as /work/shared/LLAMAFACTORY.md says, into ~/.cache/tuneforge-bench/lf-0.9.5);
+- tuneforge:              `tuneforge train` on the same YAML (LF's flat keys load unchanged);
+- tuneforge+precompute:   the same plus `precompute_ref_log_probs: true` (reference.precompute; LF has no such key).
+
+Each tool's deviations from the shared YAML (LF needs `use_cpu: true` for bf16 on a CPU; keys tuneforge refuses are
+dropped for tuneforge) are printed; defaults the YAML leaves open stay each tool's own (LF turns gradient
+checkpointing on, tuneforge leaves it off; both are printed). Runs alternate (LF, tuneforge, tuneforge+precompute, then again with
+--repeats 2). Figures per run:
+
+- loop s: the training loop. tuneforge: `elapsed` of the last metrics.jsonl record (the loop's own clock, from
+  before the first step to the end of the last). LF: `train_runtime` of train_results.json (HF Trainer's clock
+  around its training loop). Precomputing reference log-probs happens before tuneforge's loop, so it is in
+  "whole s" but not in "loop s";
+- whole s: wall time of the whole command, from launch to exit;
+- 1st step s: launch to the end of the first optimizer step. tuneforge: the `time` of its first metrics record;
+  LF: when the first line of its trainer_log.jsonl appeared (polled every 50 ms; logging_steps is 1);
+- tok/s: non-padding tokens / loop s, where tokens = sum over the training pairs of the chosen and the rejected
+  sequence (prompt + answer, chatml, counted once here with the embedded model's tokenizer) x epochs. With
+  --max-steps the token count is estimated as steps x batch x the mean pair (marked "~");
+- others: CPU cores the rest of the machine used during the run (/proc/stat busy time minus the child's own CPU
+  time, over the wall time); above 0.2 the run was not alone and the comparison is flagged as invalid;
+- peak RSS: ru_maxrss of the child (os.wait4), i.e. the largest resident set of the process (or of any process it
+  waited for).
+
+A comparison is only valid side by side, in one run, on one machine: the absolute figures move with the CPU, its
+load and the thread count; only the ratios measured together mean anything. Check `uptime` for an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+LF_VERSION = "0.9.5"
+TORCH_PIN = "2.13.0"
+TORCHVISION_PIN = "0.28.0"
+BATCH = 4
+CUTOFF = 512
+READY = ".tuneforge-bench-ready"  # written last, so a half-finished install is never reused
+WORDS = ("the model learns from data and every example shows a pattern that a careful reader can follow while "
+         "numbers letters cities rivers music science history language computer garden winter summer bridge "
+         "light energy ocean mountain forest engine theory market culture health teacher student question").split()
+# What LF needs beyond the shared YAML on a CPU-only machine (each printed as a difference).
+LF_EXTRA = {"use_cpu": True}
+LF_ENV = {"DISABLE_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@dataclass
+class Run:
+    """One configuration: the command, where its metrics appear, and what was measured."""
+
+    name: str
+    command: list[str]
+    out: Path
+    env: dict[str, str] = field(default_factory=dict)
+    cache: Path | None = None  # emptied before every launch, so each run tokenizes (and precomputes) cold
+    figures: list[dict] = field(default_factory=list)
+
+
+def ensure_lf_venv(venv: Path) -> Path:
+    """LLaMA-Factory 0.9.5 with CPU torch in its own venv (reused when complete); the path of llamafactory-cli."""
+    cli = venv / "bin" / "llamafactory-cli"
+    if (venv / READY).exists():
+        return cli
+    print(f"installing LLaMA-Factory {LF_VERSION} into {venv} (once; ~90 s, ~2.2 GB)", flush=True)
+    if venv.exists():
+        shutil.rmtree(venv)  # an unfinished earlier install
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    pip = [str(venv / "bin" / "pip"), "--disable-pip-version-check"]
+    constraints = venv.parent / f"lf-{LF_VERSION}-constraints.txt"
+    constraints.write_text(f"torch=={TORCH_PIN}\ntorchvision=={TORCHVISION_PIN}\n")
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [*pip, "install", f"torch=={TORCH_PIN}"],  # the CPU build first
+        # Without the constraint pip swaps CPU torch for a CUDA torch plus ~20 nvidia wheels.
+        [*pip, "install", f"llamafactory=={LF_VERSION}", "-c", str(constraints)],
+        # PyPI's torchvision is a CUDA build: with it every LF import dies on `torchvision::nms`.
+        [*pip, "uninstall", "-y", "torchvision"],
+    ]
+    for step in steps:
+        print("  $ " + " ".join(step), flush=True)
+        result = subprocess.run(step, capture_output=True, text=True)
+        if result.returncode != 0:
+            fail(f"LF install step failed ({result.returncode})", result.stdout + result.stderr)
+    # torchaudio's .so files are CUDA builds too and LF imports torchaudio unconditionally; without them it
+    # imports as pure Python.
+    for so in glob.glob(str(venv / "lib" / "python3.*" / "site-packages" / "torchaudio" / "lib" / "*.so")):
+        os.remove(so)
+    (venv / READY).write_text(LF_VERSION)
+    return cli
+
+
+def fail(message: str, output: str) -> None:
+    """Print a failure with the last 40 lines of its output and exit non-zero."""
+    tail = "\n".join(output.splitlines()[-40:])
+    print(f"\nFAILED: {message}\n--- last 40 lines ---\n{tail}\n---", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def sample_text(rng: random.Random, tokenizer, tokens: int) -> str:
+    """About `tokens` tokens of word salad (decoded from a token cut, so the length is close)."""
+    text = " ".join(rng.choice(WORDS) for _ in range(tokens))
+    return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:tokens]).strip()
+
+
+def make_pairs(folder: Path, pairs: int, tokenizer, seed: int = 0) -> list[dict]:
+    """Alpaca ranking rows: prompts ~8-200 tokens, answers ~8 tokens up to what keeps the sequence <= ~500."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(pairs):
+        prompt_len = int(math.exp(rng.uniform(math.log(8), math.log(200))))
+        room = 500 - prompt_len - 20  # chatml adds ~10 tokens around a turn pair; stay under the 512 cutoff
+        answers = [int(math.exp(rng.uniform(math.log(8), math.log(room)))) for _ in range(2)]
+        rows.append({"instruction": f"Question {i}: " + sample_text(rng, tokenizer, prompt_len),
+                     "chosen": sample_text(rng, tokenizer, answers[0]),
+                     "rejected": sample_text(rng, tokenizer, answers[1])})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pairs.json").write_text(json.dumps(rows), encoding="utf-8")
+    info = {"bench_pairs": {"file_name": "pairs.json", "ranking": True,
+                            "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}}}
+    (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return rows
+
+
+def pair_lengths(rows: list[dict], tokenizer) -> list[tuple[int, int]]:
+    """(chosen sequence, rejected sequence) token counts of each pair, prompt included, with tuneforge's chatml."""
+    from tuneforge.data.types import Message
+    from tuneforge.templates import get_template
+
+    template = get_template("chatml", tokenizer)
+    lengths = []
+    for row in rows:
+        sides = []
+        for answer in (row["chosen"], row["rejected"]):
+            (prompt, response), = template.encode_pairs(
+                [Message("user", row["instruction"]), Message("assistant", answer)], None, None)
+            sides.append(len(prompt) + len(response))
+        lengths.append((sides[0], sides[1]))
+    return lengths
+
+
+LF_LENGTHS = """
+import json, sys
+from transformers import AutoTokenizer
+from llamafactory.data.template import get_template_and_fix_tokenizer
+from llamafactory.hparams import DataArguments
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template="chatml"))
+out = []
+for row in json.load(open(sys.argv[2])):
+    sides = []
+    for answer in (row["chosen"], row["rejected"]):
+        msgs = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": answer}]
+        prompt, response = template.encode_oneturn(tokenizer, msgs)
+        sides.append(len(prompt) + len(response))
+    out.append(sides)
+print("LENGTHS" + json.dumps(out))
+"""
+
+
+def check_lf_template(python: Path, model_dir: Path, data: Path, ours: list[tuple[int, int]]) -> str:
+    """Encode the pairs with LF's own chatml template; a note on whether the token counts equal ours."""
+    result = subprocess.run([str(python), "-c", LF_LENGTHS, str(model_dir), str(data / "pairs.json")],
+                            capture_output=True, text=True, env={**os.environ, **LF_ENV})
+    if result.returncode != 0:
+        fail("encoding the pairs with LF's chatml template failed", result.stdout + result.stderr)
+    line = next(x for x in result.stdout.splitlines() if x.startswith("LENGTHS"))
+    theirs = [tuple(x) for x in json.loads(line[len("LENGTHS"):])]
+    if theirs == list(ours):
+        return f"LF's chatml encodes all {len(ours)} pairs to the same token counts as tuneforge's chatml"
+    diff = sum(1 for a, b in zip(theirs, ours) if a != b)
+    return (f"WARNING: LF's chatml token counts differ from tuneforge's on {diff} of {len(ours)} pairs "
+            f"(LF {sum(map(sum, theirs))} vs tuneforge {sum(map(sum, ours))} tokens)")
+
+
+def base_config(model_dir: Path, data: Path, args: argparse.Namespace) -> dict:
+    """The one shared LLaMA-Factory flat config (output_dir is set per run)."""
+    config = {
+        "stage": "dpo", "do_train": True, "model_name_or_path": str(model_dir),
+        "finetuning_type": "lora", "lora_rank": 8, "lora_target": "all",
+        "pref_beta": 0.1, "pref_loss": "sigmoid",
+        "dataset_dir": str(data), "dataset": "bench_pairs", "template": "chatml", "cutoff_len": CUTOFF,
+        "per_device_train_batch_size": BATCH, "gradient_accumulation_steps": 1, "bf16": True,
+        "learning_rate": 5.0e-6, "num_train_epochs": args.epochs,
+        "logging_steps": 1, "save_steps": 100000, "report_to": "none", "overwrite_output_dir": True,
+        "plot_loss": False,
+    }
+    if args.max_steps:
+        config["max_steps"] = args.max_steps
+    return config
+
+
+def tuneforge_keys(config: dict) -> tuple[dict, list[str]]:
+    """The config without the keys tuneforge refuses, and a note per dropped key."""
+    from tuneforge.config.llamafactory import UNSUPPORTED, is_lf_key
+
+    kept, notes = {}, []
+    for key, value in config.items():
+        if not is_lf_key(key) or key in UNSUPPORTED:
+            notes.append(f"tuneforge: dropped `{key}: {value}` (tuneforge refuses it)")
+        else:
+            kept[key] = value
+    return kept, notes
+
+
+def write_config(config: dict, path: Path, out: Path) -> Path:
+    """Write one run's YAML (the shared config plus its output_dir)."""
+    path.write_text(yaml.safe_dump({**config, "output_dir": str(out)}, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def launch(run: Run) -> dict:
+    """Run one child to the end; wall time, time to the first logged step and peak RSS."""
+    log_path = run.out.parent / f"{run.out.name}.log"
+    for folder in (run.out, run.cache):
+        if folder and folder.exists():
+            shutil.rmtree(folder)
+    first_log = run.out / ("metrics.jsonl" if run.name.startswith("tuneforge") else "trainer_log.jsonl")
+    first_seen, busy_before = None, busy_cpu_seconds()
+    with open(log_path, "w") as log:
+        start = time.time()
+        proc = subprocess.Popen(run.command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **run.env})
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if first_seen is None and first_log.exists() and first_log.stat().st_size > 0:
+                first_seen = time.time()
+            time.sleep(0.05)
+    end = time.time()
+    # CPU time the rest of the machine used meanwhile, in cores: all busy time minus the child's own.
+    others = (busy_cpu_seconds() - busy_before - usage.ru_utime - usage.ru_stime) / (end - start)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        fail(f"{run.name} exited with {proc.returncode}: {' '.join(run.command)}", log_path.read_text())
+    return {"whole": end - start, "start": start, "first_seen": first_seen, "rss_gib": usage.ru_maxrss / 2**20,
+            "others": max(others, 0.0)}
+
+
+def tuneforge_figures(out: Path, start: float) -> dict:
+    """Loop seconds, steps and first-step time from metrics.jsonl."""
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r for r in records if "elapsed" in r]
+    return {"loop": steps[-1]["elapsed"], "first_step": steps[0]["time"] - start, "steps": steps[-1]["step"],
+            "epoch": steps[-1]["epoch"]}
+
+
+def lf_figures(out: Path, first_seen: float | None, start: float) -> dict:
+    """Loop seconds (train_runtime), steps and first-step time from LF's output folder."""
+    results = json.loads((out / "train_results.json").read_text())
+    records = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines() if x.strip()]
+    return {"loop": results["train_runtime"], "first_step": (first_seen - start) if first_seen else math.nan,
+            "steps": records[-1]["current_steps"], "epoch": results.get("epoch", math.nan)}
+
+
+def measure(run: Run, tokens: float) -> dict:
+    """Launch one run and turn its files into the table's figures."""
+    print(f"running {run.name} ...", flush=True)
+    raw = launch(run)
+    if run.name.startswith("tuneforge"):
+        figures = tuneforge_figures(run.out, raw["start"])
+    else:
+        figures = lf_figures(run.out, raw["first_seen"], raw["start"])
+    figures.update(whole=raw["whole"], rss_gib=raw["rss_gib"], tok_s=tokens / figures["loop"], others=raw["others"])
+    busy = "  (NOT IDLE: other processes competed for the CPUs)" if raw["others"] > 0.2 else ""
+    print(f"  {run.name}: {figures['steps']} steps, loop {figures['loop']:.1f} s, whole {raw['whole']:.1f} s, "
+          f"peak RSS {raw['rss_gib']:.2f} GiB; other processes used {raw['others']:.2f} cores meanwhile{busy}",
+          flush=True)
+    run.figures.append(figures)
+    return figures
+
+
+def busy_cpu_seconds() -> float:
+    """Seconds all CPUs of this machine have spent busy since boot (/proc/stat: user, nice, system, irq, softirq)."""
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> str:
+    """CPU model and core count (from /proc/cpuinfo)."""
+    model = "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+    return f"{model}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, load {load:.2f}"
+
+
+def versions(lf_python: Path | None) -> str:
+    """tuneforge's stack, and LF's when it runs."""
+    import torch
+    import transformers
+
+    import tuneforge
+
+    line = f"tuneforge {tuneforge.__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
+    if lf_python:
+        code = ("import importlib.metadata as m; print(', '.join(f'{p} {m.version(p)}' for p in "
+                "('llamafactory', 'torch', 'transformers', 'peft', 'trl', 'accelerate')))")
+        result = subprocess.run([str(lf_python), "-c", code], capture_output=True, text=True)
+        line += "; LF venv: " + (result.stdout.strip() or result.stderr.strip()[-200:])
+    return line
+
+
+def print_table(runs: list[Run], estimated: bool) -> None:
+    """One row per configuration (median over repeats), then tuneforge/LF ratios."""
+    def median(run: Run, key: str) -> float:
+        values = sorted(f[key] for f in run.figures)
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+    mark = "~" if estimated else ""
+    print(f"\n{'configuration':22} {'steps':>5} {'loop s':>8} {'whole s':>8} {'1st step s':>10} {'tok/s':>9} {'peak RSS':>9} "
+          f"{'others':>7}")
+    for run in runs:
+        print(f"{run.name:22} {run.figures[-1]['steps']:5} {median(run, 'loop'):8.1f} {median(run, 'whole'):8.1f} "
+              f"{median(run, 'first_step'):10.1f} {mark + format(median(run, 'tok_s'), '.0f'):>9} "
+              f"{median(run, 'rss_gib'):8.2f}G {max(f['others'] for f in run.figures):7.2f}")
+    if len({f["steps"] for run in runs for f in run.figures}) > 1:
+        print("WARNING: the runs trained different numbers of optimizer steps; tok/s is still per loop second")
+    lf = next((r for r in runs if r.name == "LF"), None)
+    if lf is None:
+        return
+    print(f"\n{'ratio vs LF':22} {'':5} {'loop':>8} {'whole':>8} {'1st step':>10} {'tok/s':>9} {'peak RSS':>9}")
+    for run in runs:
+        if run is lf:
+            continue
+        cells = [median(run, k) / median(lf, k) for k in ("loop", "whole", "first_step", "tok_s", "rss_gib")]
+        print(f"{run.name + '/LF':22} {'':5} " + " ".join(f"{c:{w}.2f}x" for c, w in zip(cells, (7, 7, 9, 8, 8))))
+    if len(runs[0].figures) > 1:
+        print(f"(medians of {len(runs[0].figures)} repeats)")
+    if any(f["others"] > 0.2 for run in runs for f in run.figures):
+        print("WARNING: other processes used the CPUs during some runs ('others', cores, the most of any repeat): "
+              "these figures are not a valid comparison; rerun on an idle machine.")
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=16, help="preference pairs in the synthetic set")
+    parser.add_argument("--epochs", type=int, default=1, help="num_train_epochs")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (development)")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate the three runs this many times")
+    parser.add_argument("--lf-venv", type=Path, default=Path.home() / ".cache" / "tuneforge-bench" / "lf-0.9.5")
+    parser.add_argument("--no-lf", action="store_true", help="skip LLaMA-Factory (tuneforge runs only)")
+    return parser.parse_args()
+
+
+def build_runs(work: Path, shared: dict, lf_cli: Path | None) -> tuple[list[Run], list[str]]:
+    """The three configurations (LF first) from the shared YAML, and a note per difference from it."""
+    from tuneforge.config.load import load
+
+    tf_config, notes = tuneforge_keys(shared)
+    runs = []
+    if lf_cli:
+        notes += [f"LF: added `{k}: {v}` (bf16 on a CPU-only machine)" for k, v in LF_EXTRA.items()]
+        notes += [f"LF: environment {k}={v}" for k, v in LF_ENV.items()]
+        lf_yaml = write_config({**shared, **LF_EXTRA}, work / "lf.yaml", work / "lf")
+        cache = work / "cache" / "lf"
+        runs.append(Run("LF", [str(lf_cli), "train", str(lf_yaml)], work / "lf",
+                        {**LF_ENV, "HF_DATASETS_CACHE": str(cache)}, cache))
+    notes.append("tuneforge+precompute: added `precompute_ref_log_probs: true` (LF has no such key)")
+    for name, extra in (("tuneforge", {}), ("tuneforge+precompute", {"precompute_ref_log_probs": True})):
+        path = write_config({**tf_config, **extra}, work / f"{name}.yaml", work / name)
+        cfg = load(path)  # fail here, clearly, if tuneforge refuses the config
+        cache = work / "cache" / name
+        runs.append(Run(name, [sys.executable, "-m", "tuneforge", "train", str(path), f"data.cache_dir={cache}"],
+                        work / name, cache=cache))
+    notes.append("caches: each run tokenizes into an emptied folder of its own (LF: HF_DATASETS_CACHE; "
+                 "tuneforge: data.cache_dir=, which also holds the precomputed reference log-probs)")
+    notes.append(f"left to each tool's default: gradient checkpointing (tuneforge: "
+                 f"{'on' if cfg.train.gradient_checkpointing else 'off'}{'; LF: see below' if lf_cli else ''})")
+    return runs, notes
+
+
+def lf_defaults(work: Path) -> str:
+    """What LF's log says about the defaults that matter for speed (gradient checkpointing)."""
+    log = (work / "lf.log").read_text(errors="replace")
+    return "LF ran with gradient checkpointing " + ("on (its default)" if "Gradient checkpointing enabled" in log
+                                                    else "off")
+
+
+def main() -> None:
+    args = parse_args()
+    from tuneforge.config.schema import ModelConfig
+    from tuneforge.models.embedded import embedded_model_dir
+    from tuneforge.models.load import load_tokenizer
+
+    print(f"machine: {machine()}")
+    lf_cli = None if args.no_lf else ensure_lf_venv(args.lf_venv.expanduser())
+    print(f"versions: {versions(lf_cli.parent / 'python' if lf_cli else None)}")
+    tokenizer, model_dir = load_tokenizer(ModelConfig()), embedded_model_dir()
+    with tempfile.TemporaryDirectory(prefix="tuneforge-dpo-bench-") as tmp:
+        work = Path(tmp)
+        rows = make_pairs(work / "data", args.pairs, tokenizer)
+        lengths = pair_lengths(rows, tokenizer)
+        per_pair = [c + r for c, r in lengths]
+        # With max_steps the trained pairs are not all of them once: estimate from the mean pair.
+        tokens = (args.max_steps * BATCH * sum(per_pair) / len(per_pair) if args.max_steps
+                  else sum(per_pair) * args.epochs)
+        print(f"data: {args.pairs} pairs, sequences {min(min(x) for x in lengths)}-{max(max(x) for x in lengths)} "
+              f"tokens, {sum(per_pair)} non-padding tokens per epoch (chosen + rejected, prompt included); "
+              f"counted for the timed runs: {'~' if args.max_steps else ''}{tokens:.0f}")
+        shared = base_config(model_dir, work / "data", args)
+        print("shared YAML:\n" + "\n".join(f"  {k}: {v}" for k, v in shared.items()))
+        if lf_cli:
+            print("template: " + check_lf_template(lf_cli.parent / "python", model_dir, work / "data", lengths))
+        else:
+            print("LF: skipped (--no-lf): tuneforge runs only, no ratios")
+        runs, notes = build_runs(work, shared, lf_cli)
+        print("differences from the shared YAML:\n" + "\n".join(f"  - {n}" for n in notes))
+        for _ in range(args.repeats):
+            for run in runs:
+                measure(run, tokens)
+        if lf_cli:
+            print(lf_defaults(work))
+    print(f"\nmachine: {machine()}")
+    print_table(runs, bool(args.max_steps))
+    print("tok/s = non-padding tokens (chosen + rejected sequences) / loop seconds; loop and first-step clocks "
+          "are each tool's own (see the docstring). Valid only side by side, in one run, on one machine.")
+
+
+if __name__ == "__main__":
+    main()
