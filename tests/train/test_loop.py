@@ -160,6 +160,12 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_model_dir):
     common = dict(max_steps=3, save_steps=0, gradient_accumulation_steps=1, group_by_length=False)
     single = write_config(tmp_path, tiny_model_dir, "single", batch_size=4, **common)
     double = write_config(tmp_path, tiny_model_dir, "ddp", batch_size=2, **common)
+    train_one_and_two_processes(single, double)
+    assert_same(adapter_weights(tmp_path / "ddp"), adapter_weights(tmp_path / "single"), 1e-5)
+
+
+def train_one_and_two_processes(single: Path, double: Path) -> None:
+    """`tuneforge train single` in one process, then `double` under torchrun with 2 processes (gloo)."""
     subprocess.run(cli("train", str(single)), check=True, capture_output=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -167,7 +173,6 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_model_dir):
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "x 2 process(es)" in done.stderr
-    assert_same(adapter_weights(tmp_path / "ddp"), adapter_weights(tmp_path / "single"), 1e-5)
 
 
 def test_save_total_limit_keeps_the_newest(make_cfg):
