@@ -10,7 +10,7 @@ def register(sub: Any) -> None:
     """Add the train command."""
     from tuneforge.cli.main import add_config_argument
 
-    p = sub.add_parser("train", help="train a model (stages pt, sft; methods full, freeze, lora, qlora)")
+    p = sub.add_parser("train", help="train a model (stages pt, sft, rm, dpo, kto; methods full, freeze, lora, qlora)")
     add_config_argument(p)
     p.add_argument("--plan", action="store_true", help="print the plan (steps, memory, time) without training")
     p.set_defaults(handler=cmd_train)
