@@ -95,7 +95,7 @@ class DPOStage(PairStage):
         """Dropout off; the reference built once (see stages.reference)."""
         disable_dropout(model)
         if self.uses_reference:
-            self.reference = build_reference(self.run, model)
+            self.reference = build_reference(self.run, model, acc.device)
             disable_dropout(self.reference.model) if self.reference.model is not None else None
         return model
 

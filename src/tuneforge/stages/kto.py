@@ -75,7 +75,7 @@ class KTOStage(Stage):
     def setup(self, model: nn.Module, acc: Any) -> nn.Module:
         """Dropout off; the reference built once."""
         disable_dropout(model)
-        self.reference = build_reference(self.run, model)
+        self.reference = build_reference(self.run, model, acc.device)
         return model
 
     def describe(self) -> str:

@@ -83,8 +83,9 @@ def use_adapter(model: Any, name: str) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
-def build_reference(cfg: RunConfig, policy: nn.Module) -> Reference:
-    """The reference for this run (see the module docstring for the rules)."""
+def build_reference(cfg: RunConfig, policy: nn.Module, device: Any = "cpu") -> Reference:
+    """The reference for this run (see the module docstring for the rules); a separate model goes to `device`
+    (the policy's: accelerate moves only the trained module), unless bitsandbytes placed it when quantizing."""
     from tuneforge.finetune.methods import merge_adapters
     from tuneforge.models.load import load_model
 
@@ -94,6 +95,7 @@ def build_reference(cfg: RunConfig, policy: nn.Module) -> Reference:
         model = merge_adapters(load_model(model_cfg, dtype=base_dtype(policy)), ref.adapters) if ref.adapters \
             else load_model(model_cfg, dtype=base_dtype(policy))
         extra = f" + {', '.join(ref.adapters)}" if ref.adapters else ""
+        model = model if ref.quantization_bit else model.to(device)
         return Reference("separate", f"separate model {ref.model}{extra}", freeze(model))
     adapters = cfg.model.adapter_path
     if cfg.finetune.method == "lora":
@@ -105,7 +107,7 @@ def build_reference(cfg: RunConfig, policy: nn.Module) -> Reference:
     model = load_model(cfg.model, dtype=base_dtype(policy))
     if adapters:
         model = merge_adapters(model, adapters)
-    return Reference("frozen-copy", f"a frozen copy of the starting model {cfg.model.path}", freeze(model))
+    return Reference("frozen-copy", f"a frozen copy of the starting model {cfg.model.path}", freeze(model.to(device)))
 
 
 def base_dtype(model: nn.Module) -> torch.dtype:
