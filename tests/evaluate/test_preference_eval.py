@@ -101,3 +101,16 @@ def test_a_stage_taken_from_the_run_explains_a_data_mismatch(tmp_path, tiny_mode
     assert main(["eval", f"model.path={tiny_model_dir}", f"model.adapter_path={dpo_run}",
                  "data.eval_dataset=identity", "data.max_samples=2", f"eval.dir={tmp_path}"]) == 2
     assert "set stage=sft" in capsys.readouterr().err
+
+
+def test_dpo_predict_answers_each_prompt_with_the_chosen_answer_as_reference(tmp_path, tiny_model_dir, dpo_run):
+    from tuneforge.data.catalog import BUILTIN_DIR
+
+    raw = json.loads((BUILTIN_DIR / "dpo_en_demo.json").read_text(encoding="utf-8"))[:3]
+    out = tmp_path / "eval"
+    assert main(["eval", "stage=dpo", f"model.path={tiny_model_dir}", f"model.adapter_path={dpo_run}",
+                 "data.eval_dataset=dpo_en_demo", "data.max_samples=3", "eval.modes=[predict]",
+                 "generation.max_new_tokens=4", f"eval.dir={out}"]) == 0
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in lines] == [row["conversations"][-1]["value"] for row in raw]
+    assert [r["label"] for r in lines] == [row["chosen"]["value"] for row in raw]

@@ -20,7 +20,7 @@ from tuneforge.chat.engine import ChatEngine, load_engine
 from tuneforge.config.schema import DataConfig, RunConfig
 from tuneforge.data.build import build_datasets
 from tuneforge.data.pipeline import load_examples
-from tuneforge.data.types import Conversation
+from tuneforge.data.types import Conversation, KTOExample, PreferencePair
 from tuneforge.errors import DataError
 from tuneforge.evaluate import choice as mc
 from tuneforge.evaluate import pairs
@@ -127,12 +127,30 @@ def loss_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig) -> dict[str, fl
     return {**results, "rows": len(rows)}
 
 
+def prediction_examples(cfg: RunConfig) -> list[Conversation]:
+    """Conversations to answer, the last answer being the reference: sft rows as they are; for dpo/kto data the
+    prompt with its chosen (desirable) answer, so a preference-tuned model is scored against what it should say."""
+    from tuneforge.stages import data_kind
+
+    kind = data_kind(cfg.stage) if cfg.stage in ("dpo", "kto") else "sft"
+    examples = [e for name in eval_dataset_names(cfg)
+                for e in load_examples(cfg.data, name, kind, cfg.train.seed).examples]
+    out = []
+    for e in examples:
+        if isinstance(e, PreferencePair):
+            out.append(Conversation(e.prompt + [e.chosen], e.system, e.tools, e.origin))
+        elif isinstance(e, KTOExample):
+            out += [Conversation(e.messages, e.system, e.tools, e.origin)] if e.label else []
+        elif isinstance(e, Conversation):
+            out.append(e)
+        else:
+            raise DataError(f"{e.origin}: predict mode needs conversation rows (sft, dpo or kto datasets)")
+    return out
+
+
 def predict_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig, path: Path) -> dict[str, Any]:
     """Generate for every row, appending to predictions.jsonl as it goes (a rerun continues), then score."""
-    examples = [e for name in eval_dataset_names(cfg)
-                for e in load_examples(cfg.data, name, "sft", cfg.train.seed).examples]
-    if not all(isinstance(e, Conversation) for e in examples):
-        raise DataError("predict mode needs conversation rows (sft datasets)")
+    examples = prediction_examples(cfg)
     done = read_predictions(path)
     todo = examples[len(done):]
     batch = cfg.eval.batch_size
