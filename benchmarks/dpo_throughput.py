@@ -350,11 +350,13 @@ def print_table(runs: list[Run], estimated: bool) -> None:
     if lf is None:
         return
     print(f"\n{'ratio vs LF':22} {'':5} {'loop':>8} {'whole':>8} {'1st step':>10} {'tok/s':>9} {'peak RSS':>9}")
-    for run in runs:
-        if run is lf:
-            continue
-        cells = [median(run, k) / median(lf, k) for k in ("loop", "whole", "first_step", "tok_s", "rss_gib")]
-        print(f"{run.name + '/LF':22} {'':5} " + " ".join(f"{c:{w}.2f}x" for c, w in zip(cells, (7, 7, 9, 8, 8))))
+    for base in [r for r in runs if r.name.startswith("LF")]:
+        for run in runs:
+            if run.name.startswith("LF"):
+                continue
+            cells = [median(run, k) / median(base, k) for k in ("loop", "whole", "first_step", "tok_s", "rss_gib")]
+            print(f"{run.name + '/' + base.name:22} {'':5} "
+                  + " ".join(f"{c:{w}.2f}x" for c, w in zip(cells, (7, 7, 9, 8, 8))))
     if len(runs[0].figures) > 1:
         print(f"(medians of {len(runs[0].figures)} repeats)")
     if any(f["others"] > 0.2 for run in runs for f in run.figures):
@@ -371,11 +373,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="alternate the three runs this many times")
     parser.add_argument("--lf-venv", type=Path, default=Path.home() / ".cache" / "tuneforge-bench" / "lf-0.9.5")
     parser.add_argument("--no-lf", action="store_true", help="skip LLaMA-Factory (tuneforge runs only)")
+    parser.add_argument("--lf-no-checkpointing", action="store_true",
+                        help="also run LF with disable_gradient_checkpointing: true (its fastest CPU setting)")
     return parser.parse_args()
 
 
-def build_runs(work: Path, shared: dict, lf_cli: Path | None) -> tuple[list[Run], list[str]]:
-    """The three configurations (LF first) from the shared YAML, and a note per difference from it."""
+def build_runs(work: Path, shared: dict, lf_cli: Path | None, lf_fast: bool = False) -> tuple[list[Run], list[str]]:
+    """The configurations (LF first) from the shared YAML, and a note per difference from it."""
     from tuneforge.config.load import load
 
     tf_config, notes = tuneforge_keys(shared)
@@ -387,6 +391,13 @@ def build_runs(work: Path, shared: dict, lf_cli: Path | None) -> tuple[list[Run]
         cache = work / "cache" / "lf"
         runs.append(Run("LF", [str(lf_cli), "train", str(lf_yaml)], work / "lf",
                         {**LF_ENV, "HF_DATASETS_CACHE": str(cache)}, cache))
+        if lf_fast:
+            notes.append("LF-no-ckpt: LF plus `disable_gradient_checkpointing: true`")
+            fast = write_config({**shared, **LF_EXTRA, "disable_gradient_checkpointing": True},
+                                work / "lf-no-ckpt.yaml", work / "lf-no-ckpt")
+            cache = work / "cache" / "lf-no-ckpt"
+            runs.append(Run("LF-no-ckpt", [str(lf_cli), "train", str(fast)], work / "lf-no-ckpt",
+                            {**LF_ENV, "HF_DATASETS_CACHE": str(cache)}, cache))
     notes.append("tuneforge+precompute: added `precompute_ref_log_probs: true` (LF has no such key)")
     for name, extra in (("tuneforge", {}), ("tuneforge+precompute", {"precompute_ref_log_probs": True})):
         path = write_config({**tf_config, **extra}, work / f"{name}.yaml", work / name)
@@ -435,7 +446,7 @@ def main() -> None:
             print("template: " + check_lf_template(lf_cli.parent / "python", model_dir, work / "data", lengths))
         else:
             print("LF: skipped (--no-lf): tuneforge runs only, no ratios")
-        runs, notes = build_runs(work, shared, lf_cli)
+        runs, notes = build_runs(work, shared, lf_cli, args.lf_no_checkpointing)
         print("differences from the shared YAML:\n" + "\n".join(f"  - {n}" for n in notes))
         for _ in range(args.repeats):
             for run in runs:
