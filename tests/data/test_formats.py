@@ -405,3 +405,23 @@ def test_unsupported_file_type(dataset_dir):
     (dataset_dir / "a.xlsx").write_bytes(b"PK")
     with pytest.raises(DataError, match=r"a.xlsx: unsupported file type '.xlsx'"):
         list(read_file(dataset_dir / "a.xlsx"))
+
+
+def test_a_dataset_info_with_multimodal_entries_serves_its_text_sets(dataset_dir):
+    """LLaMA-Factory's data/dataset_info.json registers image/video/audio sets beside the text ones; only asking for
+    one of those is refused (entries as in LF's file: mllm_demo with an images column, a script_url entry)."""
+    write_json(dataset_dir / "a.json", [{"instruction": "Q", "input": "", "output": "A"}])
+    write_json(dataset_dir / "dataset_info.json", {
+        "alpaca_mine": {"file_name": "a.json"},
+        "mllm_demo": {"file_name": "mllm_demo.json", "formatting": "sharegpt",
+                      "columns": {"messages": "messages", "images": "images"},
+                      "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                               "assistant_tag": "assistant"}},
+        "old_script": {"script_url": "some/script"},
+    })
+    data = data_config(dataset_dir)
+    assert load_examples(data, "alpaca_mine", "sft", seed=0).examples[0].messages == [user("Q"), bot("A")]
+    with pytest.raises(DataError, match="dataset 'mllm_demo': columns: 'images' columns \\(multimodal data\\)"):
+        load_examples(data, "mllm_demo", "sft", seed=0)
+    with pytest.raises(DataError, match="dataset 'old_script': script_url and cloud_file_name are not supported"):
+        load_examples(data, "old_script", "sft", seed=0)

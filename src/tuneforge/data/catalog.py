@@ -64,11 +64,22 @@ class DatasetSpec:
     defined_in: str = ""
 
 
+@dataclass(frozen=True)
+class RefusedEntry:
+    """A dataset_info.json entry tuneforge cannot use (multimodal columns, a script, a typo): refused with its
+    message only when a run asks for it, so LLaMA-Factory's own data/ folder works for the text sets it holds."""
+
+    name: str
+    message: str
+
+
+Catalog = dict[str, "DatasetSpec | RefusedEntry"]
+
 ENTRY_KEYS = ("file_name", "path", "hf_hub_url", "ms_hub_url", "script_url", "cloud_file_name", "subset", "split",
               "folder", "formatting", "ranking", "num_samples", "columns", "tags", "load_from")
 
 
-def load_catalog(dataset_dir: str | Path, inline: dict[str, dict[str, Any]] | None = None) -> dict[str, DatasetSpec]:
+def load_catalog(dataset_dir: str | Path, inline: dict[str, dict[str, Any]] | None = None) -> Catalog:
     """All known datasets: built-ins, overridden and extended by the user's file, then by inline entries."""
     catalog = _read_info(BUILTIN_DIR / INFO_FILE, BUILTIN_DIR)
     user_file = Path(dataset_dir) / INFO_FILE
@@ -79,8 +90,8 @@ def load_catalog(dataset_dir: str | Path, inline: dict[str, dict[str, Any]] | No
     return catalog
 
 
-def get_spec(catalog: dict[str, DatasetSpec], name: str, dataset_dir: str | Path) -> DatasetSpec:
-    """Look a dataset up by name with a did-you-mean and the places searched."""
+def get_spec(catalog: Catalog, name: str, dataset_dir: str | Path) -> DatasetSpec:
+    """Look a dataset up by name with a did-you-mean and the places searched; a refused entry gives its reason."""
     if name not in catalog:
         user_file = Path(dataset_dir) / INFO_FILE
         looked = f"{user_file}" + ("" if user_file.is_file() else " (not found)")
@@ -88,10 +99,13 @@ def get_spec(catalog: dict[str, DatasetSpec], name: str, dataset_dir: str | Path
             f"dataset '{name}' is not registered.{did_you_mean(name, catalog)} Looked in the built-in datasets, "
             f"{looked} and data.inline. Register it in dataset_info.json or set data.dataset_dir."
         )
-    return catalog[name]
+    found = catalog[name]
+    if isinstance(found, RefusedEntry):
+        raise DataError(found.message)
+    return found
 
 
-def _read_info(path: Path, base: Path) -> dict[str, DatasetSpec]:
+def _read_info(path: Path, base: Path) -> Catalog:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -102,7 +116,13 @@ def _read_info(path: Path, base: Path) -> dict[str, DatasetSpec]:
         raise DataError(f"{path}: line {err.lineno}, column {err.colno}: invalid JSON: {err.msg}") from None
     if not isinstance(raw, dict):
         raise DataError(f"{path}: the top level must be an object mapping dataset names to entries")
-    return {name: parse_entry(name, entry, base, str(path)) for name, entry in raw.items()}
+    catalog: Catalog = {}
+    for name, entry in raw.items():
+        try:
+            catalog[name] = parse_entry(name, entry, base, str(path))
+        except DataError as err:
+            catalog[name] = RefusedEntry(name, str(err))
+    return catalog
 
 
 def parse_entry(name: str, entry: Any, base: Path, where: str) -> DatasetSpec:
