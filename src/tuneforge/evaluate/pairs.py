@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tuneforge.chat.engine import ChatEngine
+from tuneforge.config.rules import PREFERENCE_STAGES
 from tuneforge.config.schema import DataConfig, RunConfig
 from tuneforge.data.build import build_datasets
 from tuneforge.data.catalog import get_spec, load_catalog
@@ -24,7 +25,6 @@ from tuneforge.stages.reference import Reference, build_reference, freeze
 
 log = logging.getLogger(__name__)
 
-PREFERENCE_STAGES = ("rm", "dpo", "kto")
 
 
 def resolve_stage(cfg: RunConfig, engine: ChatEngine) -> tuple[RunConfig, bool]:

@@ -17,6 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tuneforge.chat.engine import ChatEngine, load_engine
+from tuneforge.config.rules import PREFERENCE_STAGES
 from tuneforge.config.schema import DataConfig, RunConfig
 from tuneforge.data.build import build_datasets
 from tuneforge.data.pipeline import load_examples
@@ -121,7 +122,7 @@ def loss_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig) -> dict[str, fl
         names = {"eval_perplexity": "perplexity", "eval_accuracy": "token_accuracy" if stage.reports_perplexity
                  else "accuracy"}
         results = {names.get(k, k.removeprefix("eval_")): v for k, v in metrics.items()}
-    if cfg.stage in pairs.PREFERENCE_STAGES and (stage.data_kind == "pairwise" or pairs.pairwise_data(data_cfg)):
+    if cfg.stage in PREFERENCE_STAGES and (stage.data_kind == "pairwise" or pairs.pairwise_data(data_cfg)):
         pair_data = rows if stage.data_kind == "pairwise" else pairs.pair_rows(data_cfg, engine, cfg.train.seed)
         results.update(pairs.pair_figures(engine, adapter, pair_data, cfg.eval.batch_size))
     return {**results, "rows": len(rows)}

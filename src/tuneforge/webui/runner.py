@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuneforge.train.plot import PREFERENCE_CURVES
+
 ABORT_GRACE_S = 120  # SIGINT lets the run save a checkpoint (large for a full fine-tune); then it is killed
 LOG_TAIL_LINES = 40
 PLOT_POINTS = 400
 # What the live plot draws of each training record that has them: the loss, and for preference stages the reward
 # accuracy and margins (dpo, kto) or the reward model's pair accuracy (rm).
-CURVES = ("loss", "rewards/accuracies", "rewards/margins", "accuracy")
+CURVES = ("loss", *PREFERENCE_CURVES)
 
 
 @dataclass
