@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tuneforge.config import dump, load
@@ -107,3 +109,21 @@ def test_resolved_config_round_trips(tmp_path):
 def test_every_field_is_documented():
     assert set(field_docs(TrainConfig)) == set(TrainConfig.__dataclass_fields__)
     assert set(field_docs(RunConfig)) == set(RunConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["stage=dpo", "dpo.beta=0"], "dpo.beta (pref_beta) must be > 0"),
+    (["stage=dpo", "dpo.loss=hinge", "dpo.label_smoothing=0.1"], "applies to the sigmoid loss only"),
+    (["stage=dpo", "dpo.label_smoothing=0.5"], "dpo.label_smoothing must be in [0, 0.5)"),
+    (["stage=dpo", "dpo.loss=simpo", "dpo.bco_weight=0.5"], "needs a reference model"),
+    (["stage=dpo", "dpo.loss=orpo", "reference.model=x/y"], "dpo.loss=orpo uses no reference model"),
+    (["stage=kto", "reference.precompute=true"], "available for stage dpo"),
+    (["stage=kto", "kto.rejected_weight=0"], "must be > 0"),
+    (["stage=dpo", "reference.adapters=[a]"], "set reference.model"),
+    (["stage=dpo", "finetune.lora.pissa_init=true"], "no longer the reference"),
+    (["stage=rm", "data.packing=true"], "data.packing is for the sft stage"),
+    (["stage=dpo", "pref_loss=sigmod"], "Did you mean 'sigmoid'?"),
+])
+def test_preference_settings_that_cannot_work_are_one_message(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(None, overrides)
