@@ -15,8 +15,9 @@ import dataclasses
 import json
 import sys
 
-import llamafactory
 import transformers
+
+import llamafactory
 from llamafactory import hparams
 
 

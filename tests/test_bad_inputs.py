@@ -375,7 +375,7 @@ def rule_lora_dropout_out_of_range(c: Ctx) -> list[str]:
     return [c.raw_config("finetune:\n  lora:\n    dropout: 1.5\n")]
 
 
-@case("cfg.yaml", "'deepspeed' (LLaMA-Factory) is not supported", "Remove the key", cmd="show")
+@case("cfg.yaml", "'deepspeed: ds_z3_config.json' (LLaMA-Factory) is not supported", "Remove the key", cmd="show")
 def unsupported_llamafactory_key(c: Ctx) -> list[str]:
     return [c.raw_config("model_name_or_path: x\ndeepspeed: ds_z3_config.json\n")]
 

@@ -20,8 +20,10 @@ from tuneforge.config.typed import to_dict
 from tuneforge.data.build import EncodedData, build_datasets, cache_folder, packing_enabled
 from tuneforge.errors import ConfigError
 from tuneforge.finetune import apply_method
+from tuneforge.finetune.methods import ADAPTER_METHODS, save_adapter
+from tuneforge.finetune.neftune import add_neftune
 from tuneforge.io import write_text_atomic
-from tuneforge.models.load import load_model, load_tokenizer
+from tuneforge.models.load import fit_vocab, load_model, load_tokenizer, train_embeddings
 from tuneforge.models.valuehead import WithValueHead, save_value_head
 from tuneforge.paths import RUN_INFO
 from tuneforge.stages import Stage, build_stage
@@ -30,7 +32,8 @@ from tuneforge.templates.base import Template
 from tuneforge.train.batches import BatchPlan, pack_rows
 from tuneforge.train.checkpoint import list_checkpoints
 from tuneforge.train.loop import FitResult, RunContext, fit
-from tuneforge.train.manifest import write_manifest
+from tuneforge.train.manifest import update_manifest, write_manifest
+from tuneforge.train.optim import describe_optimizer
 from tuneforge.train.plan import Plan, make_plan, plan_dict, print_plan
 from tuneforge.train.plot import plot_loss
 from tuneforge.train.tracking import read_metrics
@@ -55,6 +58,8 @@ class Job:
 
 def train(cfg: RunConfig, plan_only: bool = False) -> Path:
     """Train a model as configured; returns the run folder (or prints the plan and returns it)."""
+    if not cfg.train.enabled:  # LLaMA-Factory's do_eval / do_predict without do_train
+        return evaluate_only(cfg, plan_only)
     job = prepare(cfg, plan_only)
     main = job.context.accelerator.is_main_process
     if plan_only:
@@ -74,24 +79,28 @@ def prepare(cfg: RunConfig, plan_only: bool = False) -> Job:
     acc, precision = make_accelerator(cfg.train)
     run_dir = prepare_run_dir(cfg.output, cfg.train, plan_only, acc.is_main_process)
     tokenizer = load_tokenizer(cfg.model)
-    template = get_template(cfg.data.template, tokenizer, cfg.data.default_system, cfg.data.enable_thinking)
+    template = get_template(cfg.data.template, tokenizer, cfg.data.default_system, cfg.data.enable_thinking,
+                            cfg.data.tool_format)
     stage = build_stage(cfg, tokenizer.pad_token_id)
     with acc.main_process_first():
         data = build_datasets(cfg.data, stage.data_kind, template, cfg.train.seed)
     train_rows, val_rows = training_rows(data, cfg, stage)
     stage.check_rows(train_rows)
-    model = stage.setup(load_for_training(cfg, precision), acc)
+    model = stage.setup(load_for_training(cfg, precision, tokenizer), acc)
     if cfg.reference.precompute:
         with acc.main_process_first(), acc.autocast():
             stage.precompute_reference([train_rows, val_rows], model, cfg.train.eval_batch_size,
                                        reference_cache(cfg, data, precision))
     batches = BatchPlan(len(train_rows), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
-                        acc.num_processes, cfg.train.epochs, cfg.train.max_steps)
+                        acc.num_processes, cfg.train.epochs, cfg.train.max_steps, cfg.train.shuffle,
+                        cfg.train.data_seed)
     plan = make_plan(train_rows, data.report, batches, model, precision, stage)
     context = RunContext(run_dir, acc, batches, save_weights_fn(model, tokenizer, template, cfg),
                          group_by_length=cfg.train.group_by_length, forward_tokens=forward_tokens(cfg.train),
                          tracker_config=to_dict(cfg),
-                         logging_dir=Path(cfg.output.logging_dir) if cfg.output.logging_dir else None)
+                         logging_dir=Path(cfg.output.logging_dir) if cfg.output.logging_dir else None,
+                         lora=cfg.finetune.lora if cfg.finetune.method == "lora" else None)
+    plan.optimizer = describe_optimizer(cfg.train, context.lora)
     return Job(cfg, run_dir, tokenizer, template, stage, data, train_rows, val_rows, model, plan, context)
 
 
@@ -103,6 +112,8 @@ def fit_job(job: Job) -> FitResult:
 def finish(job: Job, result: FitResult) -> None:
     """Final weights, configured evaluations and the loss plot; re-raise an interruption for the CLI."""
     acc, cfg, run_dir = job.context.accelerator, job.cfg, job.run_dir
+    if acc.is_main_process:
+        update_manifest(run_dir / "manifest.json", {"training": result.outcome()})
     if acc.is_main_process and not result.interrupted:
         final = save_final(run_dir, job.model, job.tokenizer, job.template, cfg)
         if cfg.eval.after_training:
@@ -135,7 +146,24 @@ def evaluate_final(cfg: RunConfig, run_dir: Path, final: Path) -> None:
 
     model = dataclasses.replace(cfg.model, adapter_path=[str(final)]) if final.name == "adapter" else \
         dataclasses.replace(cfg.model, path=str(final), adapter_path=[])
-    evaluate(dataclasses.replace(cfg, model=model, eval=dataclasses.replace(cfg.eval, dir=str(run_dir / "eval"))))
+    evaluate(dataclasses.replace(cfg, model=model, eval=dataclasses.replace(cfg.eval, dir=str(run_dir / "eval"))),
+             trained=True)
+
+
+def evaluate_only(cfg: RunConfig, plan_only: bool) -> Path:
+    """train.enabled false: the configured evaluations of the model as given, into <output.dir>/eval."""
+    from tuneforge.evaluate.run import evaluate
+
+    if plan_only:
+        raise ConfigError("--plan plans training, but train.enabled is false (do_train: false); remove --plan")
+    if not (cfg.eval.after_training and cfg.eval.modes):
+        raise ConfigError("train.enabled is false (do_train: false) and no evaluation is asked for: add "
+                          "do_eval / do_predict (eval.after_training with eval.modes), or train")
+    run_dir = Path(cfg.output.dir)
+    if cfg.output.overwrite:  # otherwise an earlier prediction file is continued, as after a crash
+        shutil.rmtree(run_dir / "eval", ignore_errors=True)
+    evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, dir=str(run_dir / "eval"))))
+    return run_dir
 
 
 def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
@@ -145,7 +173,7 @@ def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
 
     from tuneforge.devices import cpu_bf16_supported
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and train_cfg.device != "cpu"
     precision = train_cfg.precision
     if precision == "auto":
         supported = torch.cuda.is_bf16_supported() if cuda else cpu_bf16_supported()
@@ -171,7 +199,9 @@ def forward_tokens(train_cfg: TrainConfig) -> int:
     """Forward-pass token budget: 512 on CPU (fastest per token and light on memory there), none on GPU."""
     if train_cfg.forward_tokens is not None:
         return train_cfg.forward_tokens
-    return 0 if torch.cuda.is_available() else 512
+    if any(m.enabled and m.layerwise for m in (train_cfg.galore, train_cfg.apollo)):
+        return 0  # layerwise GaLore/APOLLO apply each weight's gradient in its backward: one backward per step
+    return 0 if torch.cuda.is_available() and train_cfg.device != "cpu" else 512
 
 
 def prepare_run_dir(output: OutputConfig, train_cfg: TrainConfig, plan_only: bool, main: bool) -> Path:
@@ -183,7 +213,8 @@ def prepare_run_dir(output: OutputConfig, train_cfg: TrainConfig, plan_only: boo
     started = bool(list_checkpoints(run_dir))
     resuming = train_cfg.resume_from_checkpoint is not None
     if output.overwrite and not resuming:
-        for name in ("adapter", "model", "checkpoints", "plots", "tensorboard", "metrics.jsonl", "manifest.json"):
+        for name in ("adapter", "model", "checkpoints", "plots", "tensorboard", "metrics.jsonl", "manifest.json",
+                     "eval"):
             target = run_dir / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     elif (finished or started) and not resuming:
@@ -200,30 +231,37 @@ def training_rows(data: EncodedData, cfg: RunConfig, stage: Stage) -> tuple[list
     train = [dict(zip(columns, values)) for values in zip(*(data.train[c] for c in columns))]
     val = [dict(zip(columns, values)) for values in zip(*(data.val[c] for c in columns))] if data.val else []
     if stage.data_kind == "sft" and packing_enabled(cfg.data, stage.data_kind):
-        train = pack_rows(train, cfg.data.cutoff_len, cfg.train.seed)
+        seed = cfg.train.data_seed if cfg.train.data_seed is not None else cfg.train.seed
+        train = pack_rows(train, cfg.data.cutoff_len, seed, cfg.data.neat_packing, cfg.train.shuffle)
     return train, val
 
 
-def load_for_training(cfg: RunConfig, precision: str) -> Any:
-    """Base model plus method; under bf16 LoRA the frozen base is stored in bf16 (adapters stay fp32)."""
-    dtype = torch.bfloat16 if precision == "bf16" and cfg.finetune.method == "lora" and cfg.model.dtype == "auto" \
-        else None
-    model = load_model(cfg.model, dtype=dtype)
+def load_for_training(cfg: RunConfig, precision: str, tokenizer: Any = None) -> Any:
+    """Base model (RoPE scaled, embeddings grown to the tokenizer) plus method; under bf16 LoRA the frozen base
+    is stored in bf16 (adapters stay fp32)."""
+    dtype = torch.bfloat16 if precision == "bf16" and cfg.finetune.method in ADAPTER_METHODS \
+        and cfg.model.dtype == "auto" else None
+    model = load_model(cfg.model, dtype=dtype, max_length=cfg.data.cutoff_len)
     model.config.use_cache = False
-    return apply_method(model, cfg.finetune, cfg.model.adapter_path, quantized=bool(cfg.model.quantization_bit),
-                        gradient_checkpointing=cfg.train.gradient_checkpointing)
+    finetune = train_embeddings(cfg.finetune, fit_vocab(model, tokenizer, cfg.model)) if tokenizer is not None \
+        else cfg.finetune
+    model = apply_method(model, finetune, cfg.model.adapter_path, quantized=bool(cfg.model.quantization_bit),
+                         gradient_checkpointing=cfg.train.gradient_checkpointing)
+    if cfg.train.neftune_alpha:
+        add_neftune(model, cfg.train.neftune_alpha)
+    return model
 
 
 def save_weights_fn(model: Any, tokenizer: Any, template: Template, cfg: RunConfig) -> Any:
     """Writes a checkpoint's user-facing weights (LoRA adapters only; full weights live in trainable.safetensors)."""
-    if cfg.finetune.method != "lora":
+    if cfg.finetune.method not in ADAPTER_METHODS:
         return None
     return lambda folder: _save_weights(folder, model, tokenizer, template, cfg)
 
 
 def save_final(run_dir: Path, model: Any, tokenizer: Any, template: Template, cfg: RunConfig) -> Path:
     """adapter/ (LoRA) or model/ (full, freeze) with tokenizer, chat template and run info; atomic."""
-    target = run_dir / ("adapter" if cfg.finetune.method == "lora" else "model")
+    target = run_dir / ("adapter" if cfg.finetune.method in ADAPTER_METHODS else "model")
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     _save_weights(tmp, model, tokenizer, template, cfg)
@@ -235,7 +273,7 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any, template: Template, cf
 def _save_weights(folder: Path, model: Any, tokenizer: Any, template: Template, cfg: RunConfig) -> None:
     lm, head = (model.pretrained_model, model.v_head) if isinstance(model, WithValueHead) else (model, None)
     if hasattr(lm, "peft_config"):  # only the trained adapter, not a frozen reference copy beside it
-        lm.save_pretrained(folder, safe_serialization=True, selected_adapters=["default"])
+        save_adapter(lm, folder)
     else:
         lm.save_pretrained(folder, safe_serialization=True)
     if head is not None:
@@ -243,7 +281,8 @@ def _save_weights(folder: Path, model: Any, tokenizer: Any, template: Template, 
     tokenizer.save_pretrained(folder)
     info = {"base_model": cfg.model.path, "method": cfg.finetune.method, "stage": cfg.stage,
             "template": template.name, "default_system": cfg.data.default_system,
-            "enable_thinking": cfg.data.enable_thinking, "stop_words": template.stop_words}
+            "enable_thinking": cfg.data.enable_thinking, "stop_words": template.stop_words,
+            "tool_format": cfg.data.tool_format}
     write_text_atomic(folder / RUN_INFO, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
 
 

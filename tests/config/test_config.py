@@ -77,7 +77,7 @@ def test_llamafactory_flags_without_a_file():
 
 
 def test_unsupported_llamafactory_key_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="'deepspeed' .* not supported by tuneforge yet"):
+    with pytest.raises(ConfigError, match="'deepspeed: ds_z3.json' .* not supported by tuneforge: multi-GPU"):
         load(write(tmp_path, "deepspeed: ds_z3.json\n"))
 
 

@@ -23,6 +23,9 @@ NO_SYSTEM_ROLE = {"gemma"}
 # phi appends eos after the last turn only.
 PROMPT_ONLY = {"phi"}
 REFERENCED = sorted(n for n in named_templates().names() if named_templates().get(n).reference)
+# Templates that keep LLaMA-Factory 0.9.5's tokens where its text differs from the family's Jinja template; each
+# says where and why in its `note` (named.yaml), and test_lf_parity checks their ids against LLaMA-Factory's.
+AS_JINJA = [n for n in REFERENCED if not named_templates().get(n).note]
 
 
 def jinja(family: str, messages: list[Message], system: str | None, generation: bool, **extra) -> str:
@@ -46,7 +49,11 @@ def test_every_family_with_a_known_jinja_template_is_referenced():
         named_templates().get(n).reference for n in REFERENCED)
 
 
-@pytest.mark.parametrize("name", REFERENCED)
+def test_every_difference_from_jinja_is_explained():
+    assert {n for n in REFERENCED if n not in AS_JINJA} == {"chatglm3", "llama2", "mistral", "yi", "qwen3"}
+
+
+@pytest.mark.parametrize("name", [*AS_JINJA, "qwen3"])  # qwen3 differs in multi-turn training only
 def test_generation_prompt_matches_jinja(name):
     family = named_templates().get(name).reference
     system = None if family in NO_SYSTEM_ROLE else SYSTEM
@@ -55,7 +62,7 @@ def test_generation_prompt_matches_jinja(name):
     assert template.render_prompt(TURNS[:3], system, None) == jinja(family, TURNS[:3], system, True, **extra)
 
 
-@pytest.mark.parametrize("name", [n for n in REFERENCED if named_templates().get(n).reference not in PROMPT_ONLY])
+@pytest.mark.parametrize("name", [n for n in AS_JINJA if named_templates().get(n).reference not in PROMPT_ONLY])
 def test_full_conversation_matches_jinja(name):
     family = named_templates().get(name).reference
     system = None if family in NO_SYSTEM_ROLE else SYSTEM

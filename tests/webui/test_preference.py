@@ -84,8 +84,9 @@ def test_load_args_reads_llamafactory_preference_keys(workspace):
     assert values["stage"] == "dpo" and values["pref_beta"] == 0.2 and values["pref_loss"] == "simpo"
     assert values["pref_ftx"] == 0.1 and values["simpo_gamma"] == 0.6 and values["ref_model"] == ""
     # kto's weight is no dpo setting: it stays, as an extra setting; pref_beta/pref_ftx's kto copies are the
-    # panel's own fields (the panel puts them into whichever stage is chosen)
-    assert values["extra_args"].splitlines() == ["kto.chosen_weight=1.5"]
+    # panel's own fields (the panel puts them into whichever stage is chosen); LF's output_dir also names where
+    # LF's prediction files go (eval.lf_dir)
+    assert sorted(values["extra_args"].splitlines()) == ['eval.lf_dir="runs/lf_dpo"', "kto.chosen_weight=1.5"]
     cfg = build_config(values, workspace)
     assert (cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.ftx, cfg.dpo.simpo_gamma) == (0.2, "simpo", 0.1, 0.6)
     assert cfg.kto.chosen_weight == 1.5

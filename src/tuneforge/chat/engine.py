@@ -22,7 +22,7 @@ from tuneforge.data.encode import EncodeOptions, encode_pairwise
 from tuneforge.data.types import Message
 from tuneforge.errors import ModelError
 from tuneforge.models.hub import resolve_model_dir
-from tuneforge.models.load import load_model, load_tokenizer
+from tuneforge.models.load import adopt_saved_vocab, load_model, load_tokenizer
 from tuneforge.models.valuehead import ValueHead, WithValueHead, find_value_head, hidden_size, load_value_head
 from tuneforge.paths import RUN_INFO
 from tuneforge.templates import get_template
@@ -271,7 +271,8 @@ def cut_at_stop_words(pieces: Iterator[str], stop_words: list[str]) -> Iterator[
 
 
 def load_engine(model_cfg: ModelConfig, template: str = "auto", default_system: str | None = None,
-                enable_thinking: bool = True, named: dict[str, str] | None = None) -> ChatEngine:
+                enable_thinking: bool = True, named: dict[str, str] | None = None,
+                tool_format: str | None = None) -> ChatEngine:
     """Base + adapters. model.adapter_path entries stack (earlier ones merged, the last switchable); `named`
     adapters are loaded side by side, each selectable by name. Template and system prompt come from the last
     adapter's run (or a full model folder's) unless given; value heads saved beside the weights load too."""
@@ -290,6 +291,7 @@ def load_engine(model_cfg: ModelConfig, template: str = "auto", default_system: 
         info = run_info(base_folder)  # a full run's model/ folder records its template and stage too
     tokenizer = load_tokenizer(replace(base, adapter_path=[]), padding_side="left")
     model = load_model(base)
+    tokenizer = adopt_saved_vocab(model, tokenizer, folders)  # tokens a run added (model.add_tokens, ...)
     for folder in stacked[:-1]:
         model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     names: list[str] = []
@@ -305,7 +307,8 @@ def load_engine(model_cfg: ModelConfig, template: str = "auto", default_system: 
     heads = load_value_heads(model, [(MODEL_HEAD, base_folder), *loaded])
     template_name = template if template != "auto" else info.get("template", "auto")
     system = default_system if default_system is not None else info.get("default_system")
-    chosen = get_template(template_name, tokenizer, system, info.get("enable_thinking", enable_thinking))
+    chosen = get_template(template_name, tokenizer, system, info.get("enable_thinking", enable_thinking),
+                          tool_format or info.get("tool_format"))
     return ChatEngine(model, tokenizer, chosen, system, names, value_heads=heads, info=info)
 
 

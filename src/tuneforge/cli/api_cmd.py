@@ -64,7 +64,7 @@ def cmd_api(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any
     cfg = load(args.config, overrides, flags)
     named = adapter_names(cfg.model.adapter_path, args.adapter)
     engine = load_engine(replace(cfg.model, adapter_path=[]), cfg.data.template, cfg.data.default_system,
-                         cfg.data.enable_thinking, named=named)
+                         cfg.data.enable_thinking, named=named, tool_format=cfg.data.tool_format)
     base_name = Path(cfg.model.path).name if Path(cfg.model.path).exists() else cfg.model.path
     rewards = reward_models(engine, base_name, cfg.stage == "rm")
     app = create_app(engine, base_name, args.api_key or os.environ.get("API_KEY") or None, cfg.generation,

@@ -1,4 +1,4 @@
-"""`data preview`, `data check` (the data doctor) and `data identity`."""
+"""`data preview`, `data tokenize`, `data check` (the data doctor) and `data identity`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ def register(sub: Any) -> None:
                    help="jsonl prints {input_ids, labels} per row, -100 where masked")
     p.add_argument("--split", choices=["train", "val"], default="train")
     p.set_defaults(handler=cmd_preview)
+    p = data.add_parser("tokenize", help="tokenize a config's datasets into data.tokenized_path and stop "
+                        "(later runs with that tokenized_path load the rows without the data files)")
+    add_config_argument(p)
+    p.set_defaults(handler=cmd_tokenize)
     p = data.add_parser("check", help="the data doctor: report bad rows in every dataset of a config")
     add_config_argument(p)
     p.set_defaults(handler=cmd_check)
@@ -44,7 +48,8 @@ def _setup(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any]
 
     cfg = load(args.config, overrides, flags)
     tokenizer = load_tokenizer(cfg.model)
-    template = get_template(cfg.data.template, tokenizer, cfg.data.default_system, cfg.data.enable_thinking)
+    template = get_template(cfg.data.template, tokenizer, cfg.data.default_system, cfg.data.enable_thinking,
+                            cfg.data.tool_format)
     return cfg, template
 
 
@@ -72,6 +77,27 @@ def cmd_preview(args: argparse.Namespace, overrides: list[str], flags: dict[str,
     console.print(LEGEND, style="dim")
     for row in chosen:
         print_encoded(row, template.tokenizer, console)
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any]) -> int:
+    """Save the tokenized rows in data.tokenized_path (or check the ones already there) without training."""
+    from tuneforge.data.build import build_datasets
+    from tuneforge.data.tokenized import has_tokenized
+    from tuneforge.errors import ConfigError
+    from tuneforge.stages import data_kind
+
+    cfg, template = _setup(args, overrides, flags)
+    path = cfg.data.tokenized_path
+    if not path:
+        raise ConfigError("data tokenize needs data.tokenized_path (LLaMA-Factory: tokenized_path): the folder "
+                          "to save the tokenized rows in")
+    existed = has_tokenized(path)
+    encoded = build_datasets(cfg.data, data_kind(cfg.stage), template, cfg.train.seed)
+    val = f" and {len(encoded.val)} validation rows" if encoded.val is not None else ""
+    verb = "already holds (checked against this config)" if existed else "now holds"
+    print(f"{path} {verb} {len(encoded.train)} training rows{val} for stage {cfg.stage}; train with "
+          f"data.tokenized_path={path} (LLaMA-Factory: tokenized_path)")
     return 0
 
 

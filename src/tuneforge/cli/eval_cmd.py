@@ -28,4 +28,6 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str], flags: dict[str, An
     report = Path(cfg.eval.dir) / "report.md"
     print(report.read_text(encoding="utf-8"))
     print(f"written: {report} and {report.with_name('results.json')}")
+    if cfg.eval.lf_dir:
+        print(f"LLaMA-Factory's result files: {cfg.eval.lf_dir}")
     return 0

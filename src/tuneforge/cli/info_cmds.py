@@ -72,15 +72,16 @@ def cmd_config_show(args: argparse.Namespace, overrides: list[str], flags: dict[
 
 
 def cmd_templates_list(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any]) -> int:
-    """Print every template name with its stop words."""
-    from tuneforge.templates import named_templates
+    """Print every template name with its stop words, tool format and provenance."""
+    from tuneforge.templates import named_templates, provenance
 
-    table = Table("name", "stop words", "default system")
-    table.add_row("auto", "the tokenizer's eos", "the tokenizer's template decides")
+    table = Table("name", "stop words", "tools", "default system", "provenance")
+    table.add_row("auto", "the tokenizer's eos", "its own", "the tokenizer's template decides", "official Jinja")
     registry = named_templates()
     for name in registry.names():
         formats = registry.get(name)
-        table.add_row(name, ", ".join(formats.stop_words) or "eos", formats.default_system[:50])
+        table.add_row(name, ", ".join(formats.stop_words) or "eos", formats.tool_format, formats.default_system[:50],
+                      provenance(formats))
     Console().print(table)
     return 0
 

@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         chat_cmd,
         data_cmds,
         eval_cmd,
+        expand_cmd,
         export_cmd,
         info_cmds,
         train_cmd,
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat_cmd.register(sub)
     api_cmd.register(sub)
     export_cmd.register(sub)
+    expand_cmd.register(sub)
     eval_cmd.register(sub)
     webui_cmd.register(sub)
     return parser

@@ -26,6 +26,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str], flags: dict[str, A
         run_dir = train(cfg, plan_only=args.plan)
     except KeyboardInterrupt:
         return 130
-    if not args.plan:
+    if not args.plan and not cfg.train.enabled:  # do_eval / do_predict without do_train
+        print(f"evaluated without training: {run_dir / 'eval'}" +
+              (f"; LLaMA-Factory's result files: {cfg.eval.lf_dir}" if cfg.eval.lf_dir else ""))
+    elif not args.plan:
         print(f"run folder: {run_dir}")
     return 0

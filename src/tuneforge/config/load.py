@@ -32,7 +32,7 @@ def load_tree(raw: dict[str, Any], source: str, overrides: list[str] = (),
     tree: dict[str, Any] = {}
     try:
         _merge_top(tree, raw, source)
-        for key, value in (lf_flags or {}).items():
+        for key, value in lf.precedence_order((lf_flags or {}).items()):
             _assign_lf(tree, key, value)
         for item in overrides:
             apply_override(tree, item)
@@ -64,7 +64,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _merge_top(tree: dict[str, Any], raw: dict[str, Any], source: str) -> None:
-    for key, value in raw.items():
+    for key, value in lf.precedence_order(raw.items()):
         if key in SECTIONS:
             if key != "stage" and not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a section (a mapping), got {value!r}")
@@ -106,6 +106,8 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    if key.endswith(("+", "?")):
+        raise ConfigError(f"override '{item}': a key cannot end with '{key[-1]}'; write key=value")
     if "." in key or key == "stage":
         _set_checked(tree, key, value, label=key)
     else:
@@ -113,6 +115,10 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
 
 
 def _set_checked(tree: dict[str, Any], dotted: str, value: Any, label: str) -> None:
+    # An LF key may add to a list ("path+": do_eval and do_predict each add a mode) or set a value only when
+    # nothing set it yet ("path?": do_predict turns training off unless do_train says otherwise, in any key order).
+    append, only_unset = dotted.endswith("+"), dotted.endswith("?")
+    dotted = dotted.rstrip("+?")
     tp = field_type(RunConfig, dotted)
     try:
         coerce(value, tp, dotted)
@@ -124,6 +130,11 @@ def _set_checked(tree: dict[str, Any], dotted: str, value: Any, label: str) -> N
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"'{dotted}': '{part}' must be a section")
+    if only_unset and parts[-1] in node:
+        return
+    if append:
+        before = node.get(parts[-1], [])
+        value = list(dict.fromkeys([*(before if isinstance(before, list) else [before]), *value]))
     node[parts[-1]] = value
 
 

@@ -10,11 +10,15 @@ from tuneforge.config.schema import (
     ModelConfig,
     ReferenceConfig,
     RunConfig,
+    SFTConfig,
     TrainConfig,
 )
 from tuneforge.errors import ConfigError
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "rmsprop", "adagrad")
+# plain update rules (train.optim.BASE_RULES builds them) plus the two that split parameters themselves
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "rmsprop", "adagrad", "adamw_8bit", "paged_adamw_8bit",
+              "adam_mini", "muon")
+GALORE_BASES = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor")
 
 
 def validate(cfg: RunConfig, source: str) -> None:
@@ -24,10 +28,13 @@ def validate(cfg: RunConfig, source: str) -> None:
         check_finetune(cfg.finetune)
         check_data(cfg.data)
         check_train(cfg.train)
+        check_optimizer(cfg.train, cfg.finetune)
+        check_best_model(cfg.train, cfg.data)
         check_stage_data(cfg.stage, cfg.data)
         check_dpo(cfg.dpo)
         check_kto(cfg.kto)
-        check_reference(cfg.reference, cfg.stage, cfg.dpo, cfg.finetune)
+        check_sft(cfg.sft, cfg.stage)
+        check_reference(cfg.reference, cfg.stage, cfg.dpo, cfg.finetune, cfg.sft)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 
@@ -38,14 +45,17 @@ def check_quantization(model: ModelConfig, finetune: FinetuneConfig) -> None:
         return
     if model.quantization_bit not in (4, 8):
         raise ConfigError(f"model.quantization_bit: {model.quantization_bit} is not supported; use 4 or 8")
-    if finetune.method != "lora":
+    if finetune.method not in ("lora", "oft"):
         raise ConfigError(
             f"model.quantization_bit is set with finetune.method={finetune.method}: quantized weights cannot be "
-            "trained directly. Use finetune.method=lora (QLoRA), or remove quantization_bit."
+            "trained directly. Use finetune.method=lora (QLoRA) or oft, or remove quantization_bit."
         )
     if finetune.lora.pissa_init:
         raise ConfigError("finetune.lora.pissa_init cannot initialise from quantized weights; "
                           "remove model.quantization_bit or pissa_init")
+    if model.resize_vocab or model.add_tokens or model.add_special_tokens:
+        raise ConfigError("the embeddings of a quantized model cannot be resized (model.resize_vocab, add_tokens, "
+                          "add_special_tokens); remove model.quantization_bit or the new tokens")
 
 
 def check_finetune(finetune: FinetuneConfig) -> None:
@@ -57,6 +67,17 @@ def check_finetune(finetune: FinetuneConfig) -> None:
     if finetune.method == "freeze" and finetune.freeze.trainable_layers == 0:
         raise ConfigError("finetune.freeze.trainable_layers is 0, so nothing would train; "
                           "use a positive count (last layers) or a negative one (first layers)")
+    if finetune.lora.pissa_iter < -1:
+        raise ConfigError(f"finetune.lora.pissa_iter must be -1 (full SVD) or >= 0, got {finetune.lora.pissa_iter}")
+    oft = finetune.oft
+    if (oft.rank != 0) == (oft.block_size != 0) or oft.rank < 0 or oft.block_size < 0:
+        raise ConfigError(f"finetune.oft: give exactly one of rank ({oft.rank}) and block_size ({oft.block_size}) "
+                          "as a positive number and set the other to 0 (rank x block_size = the layer's input size)")
+    if not 0 <= oft.dropout < 1:
+        raise ConfigError(f"finetune.oft.dropout must be in [0, 1), got {oft.dropout}")
+    if finetune.llama_pro and (finetune.method == "full" or finetune.freeze.trainable_layers < 1):
+        raise ConfigError("finetune.llama_pro (use_llama_pro) trains the blocks added by `tuneforge expand`: use it "
+                          "with finetune.method freeze, lora or oft and freeze.trainable_layers = the number added")
 
 
 def check_data(data: DataConfig) -> None:
@@ -90,18 +111,97 @@ def check_train(train: TrainConfig) -> None:
         raise ConfigError(f"train.optimizer: '{train.optimizer}' is not known; use one of {', '.join(OPTIMIZERS)}")
 
 
+def check_optimizer(train: TrainConfig, finetune: FinetuneConfig) -> None:
+    """LLaMA-Factory's optimizer rules: one of GaLore/APOLLO/BAdam, none with LoRA; LoRA+ only with LoRA."""
+    methods = [k for k in ("galore", "apollo", "badam") if getattr(train, k).enabled]
+    if len(methods) > 1:
+        raise ConfigError(f"train.{methods[0]} and train.{methods[1]} cannot be used together; enable one of them")
+    if methods and finetune.method == "lora":
+        raise ConfigError(f"train.{methods[0]} trains full weights and cannot be used with LoRA; set "
+                          "finetune.method=full (or freeze), or remove it")
+    if finetune.lora.plus_lr_ratio is not None:
+        if finetune.method != "lora":
+            raise ConfigError(f"finetune.lora.plus_lr_ratio (loraplus_lr_ratio) is for LoRA only, not "
+                              f"finetune.method={finetune.method}; remove it")
+        if finetune.lora.plus_lr_ratio <= 0:
+            raise ConfigError(f"finetune.lora.plus_lr_ratio must be > 0, got {finetune.lora.plus_lr_ratio}")
+    if train.galore.enabled and train.optimizer not in GALORE_BASES:
+        raise ConfigError(f"train.galore runs on train.optimizer {', '.join(GALORE_BASES)}, not '{train.optimizer}'")
+    if train.apollo.enabled and train.optimizer != "adamw":
+        raise ConfigError(f"train.apollo runs on train.optimizer adamw, not '{train.optimizer}'")
+    for key in ("galore", "apollo"):
+        section = getattr(train, key)
+        if section.enabled and (section.rank < 1 or section.update_interval < 1):
+            raise ConfigError(f"train.{key}.rank and update_interval must be >= 1")
+        if section.enabled and section.layerwise and train.gradient_accumulation_steps != 1:
+            raise ConfigError(f"train.{key}.layerwise steps each weight during the backward pass, so it cannot "
+                              "accumulate gradients: set train.gradient_accumulation_steps=1 or layerwise=false")
+        if section.enabled and section.layerwise and train.forward_tokens:
+            raise ConfigError(f"train.{key}.layerwise needs one backward pass per step; remove train.forward_tokens")
+        if section.enabled and section.layerwise and train.precision == "fp16":
+            raise ConfigError(f"train.{key}.layerwise cannot use fp16 loss scaling; use bf16 or fp32")
+    check_badam(train, finetune)
+
+
+def check_badam(train: TrainConfig, finetune: FinetuneConfig) -> None:
+    """BAdam trains every weight block by block (full finetuning), in one of two modes."""
+    b = train.badam
+    if not b.enabled:
+        return
+    if finetune.method != "full":
+        raise ConfigError(f"train.badam switches which decoder layer trains, so it needs finetune.method=full, "
+                          f"not {finetune.method}")
+    if b.mode == "layer" and train.optimizer in ("adam_mini", "muon"):
+        raise ConfigError(f"train.badam updates its block with a plain optimizer; train.optimizer={train.optimizer} "
+                          "is a method of its own")
+    if b.mode == "ratio":
+        if train.optimizer not in ("adamw", "adam"):
+            raise ConfigError("train.badam.mode=ratio runs its own sparse Adam; set train.optimizer=adamw")
+        if not 0 < b.update_ratio <= 1:
+            raise ConfigError(f"train.badam.update_ratio must be in (0, 1], got {b.update_ratio}")
+        if train.precision == "fp16":
+            raise ConfigError("train.badam.mode=ratio makes sparse gradients, which fp16 loss scaling cannot take; "
+                              "use bf16 or fp32")
+    if b.switch_interval == 0 or b.switch_interval < -1:
+        raise ConfigError(f"train.badam.switch_interval must be >= 1, or -1 to never switch; got {b.switch_interval}")
+
+
+def check_best_model(train: TrainConfig, data: DataConfig) -> None:
+    """Early stopping and load_best_model_at_end need evaluations, and the best one must have saved weights."""
+    if not (train.early_stopping_steps is not None or train.load_best_model_at_end) or not train.enabled:
+        return
+    key = "early_stopping_steps" if train.early_stopping_steps is not None else "load_best_model_at_end"
+    if train.early_stopping_steps is not None and train.early_stopping_steps < 1:
+        raise ConfigError(f"train.early_stopping_steps must be >= 1 evaluations, got {train.early_stopping_steps}")
+    if not data.eval_dataset and data.val_size <= 0:
+        raise ConfigError(f"train.{key} compares evaluations, so it needs validation data: set data.eval_dataset "
+                          "or data.val_size")
+    eval_every = eval_interval(train)
+    if not eval_every:
+        raise ConfigError(f"train.{key} needs evaluations during training: set train.eval_steps")
+    if train.load_best_model_at_end and (not train.save_steps or train.save_steps % eval_every):
+        raise ConfigError(f"train.load_best_model_at_end keeps the best evaluated checkpoint, so train.save_steps "
+                          f"({train.save_steps}) must be a multiple of train.eval_steps ({eval_every})")
+
+
+def eval_interval(train: TrainConfig) -> int:
+    """Steps between evaluations during training: eval_steps, else save_steps; 0 means none."""
+    return train.save_steps if train.eval_steps is None else train.eval_steps
+
+
 PREFERENCE_STAGES = ("rm", "dpo", "kto")
 NO_REFERENCE_LOSSES = ("orpo", "simpo")
 
 
 def check_stage_data(stage: str, data: DataConfig) -> None:
-    """Packing and prompt-side training exist for pt/sft only (as in LLaMA-Factory)."""
-    if stage not in PREFERENCE_STAGES:
+    """Packing exists for pt and sft; neat packing and prompt-side masking for sft only (as in LLaMA-Factory)."""
+    if stage == "sft":
         return
-    for key in ("packing", "train_on_prompt", "mask_history"):
+    keys = ("neat_packing", "train_on_prompt", "mask_history") + (("packing",) if stage in PREFERENCE_STAGES else ())
+    for key in keys:
         if getattr(data, key):
-            raise ConfigError(f"data.{key} is for the sft stage; stage {stage} trains on whole answers. "
-                              f"Remove data.{key}")
+            what = "trains on whole texts" if stage == "pt" else "trains on whole answers"
+            raise ConfigError(f"data.{key} is for the sft stage; stage {stage} {what}. Remove data.{key}")
 
 
 def check_dpo(dpo: DPOConfig) -> None:
@@ -130,12 +230,22 @@ def check_kto(kto: KTOConfig) -> None:
         raise ConfigError(f"kto.ftx must be >= 0, got {kto.ftx}")
 
 
-def uses_reference(stage: str, dpo: DPOConfig) -> bool:
-    """dpo (except orpo and simpo) and kto compare the policy with a reference model."""
-    return stage == "kto" or (stage == "dpo" and dpo.loss not in NO_REFERENCE_LOSSES)
+def check_sft(sft: SFTConfig, stage: str) -> None:
+    """The reweighted token losses belong to the sft stage (as in LLaMA-Factory); alphas must be usable."""
+    if sft.loss != "ce" and stage != "sft":
+        raise ConfigError(f"sft.loss={sft.loss} (use_{sft.loss}_loss) applies to stage sft, not {stage}; remove it")
+    if sft.eaft_alpha < 0 or sft.asft_alpha < 0:
+        raise ConfigError("sft.eaft_alpha and sft.asft_alpha must be >= 0")
 
 
-def check_reference(ref: ReferenceConfig, stage: str, dpo: DPOConfig, finetune: FinetuneConfig) -> None:
+def uses_reference(stage: str, dpo: DPOConfig, sft: SFTConfig | None = None) -> bool:
+    """dpo (except orpo and simpo), kto and sft's asft loss compare the policy with a reference model."""
+    return stage == "kto" or (stage == "dpo" and dpo.loss not in NO_REFERENCE_LOSSES) or \
+        (stage == "sft" and sft is not None and sft.loss == "asft")
+
+
+def check_reference(ref: ReferenceConfig, stage: str, dpo: DPOConfig, finetune: FinetuneConfig,
+                    sft: SFTConfig | None = None) -> None:
     """Reference settings must be used and loadable; PiSSA moves the base, so the adapter-off reference breaks."""
     if ref.quantization_bit not in (None, 4, 8):
         raise ConfigError(f"reference.quantization_bit: {ref.quantization_bit} is not supported; use 4 or 8")
@@ -145,7 +255,7 @@ def check_reference(ref: ReferenceConfig, stage: str, dpo: DPOConfig, finetune: 
     if ref.precompute and stage != "dpo":
         raise ConfigError(f"reference.precompute (precompute_ref_log_probs) is available for stage dpo; stage {stage} "
                           "estimates KL from pairs built during training, so it keeps the live reference")
-    if not uses_reference(stage, dpo):
+    if not uses_reference(stage, dpo, sft):
         if ref.model or ref.precompute:
             what = f"dpo.loss={dpo.loss}" if stage == "dpo" else f"stage {stage}"
             raise ConfigError(f"{what} uses no reference model; remove the reference settings")

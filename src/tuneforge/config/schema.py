@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Method = Literal["lora", "full", "freeze"]
+Method = Literal["lora", "full", "freeze", "oft"]
 Stage = Literal["pt", "sft", "rm", "dpo", "kto", "ppo", "grpo"]
 
 
@@ -35,6 +35,16 @@ class ModelConfig:
     """4-bit data type."""
     double_quantization: bool = True
     """Quantize the 4-bit quantization constants too (saves ~0.4 bit per parameter)."""
+    rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = None
+    """Stretch RoPE to data.cutoff_len when it exceeds the model's context: factor ceil(cutoff / max positions)."""
+    add_tokens: list[str] = field(default_factory=list)
+    """Plain tokens added to the tokenizer (the embeddings grow to fit; new rows start at the mean embedding)."""
+    add_special_tokens: list[str] = field(default_factory=list)
+    """Special tokens added to the tokenizer (never split, skipped when decoding with skip_special_tokens)."""
+    resize_vocab: bool = False
+    """Grow the embeddings to the tokenizer's size; on with add_tokens; LoRA then trains embed_tokens and lm_head."""
+    split_special_tokens: bool = False
+    """Tokenize special-token text (e.g. <|im_end|>) as plain text, as LLaMA-Factory does, template markers too."""
 
 
 @dataclass
@@ -53,10 +63,18 @@ class LoraConfig:
     """Weight-decomposed LoRA (DoRA)."""
     pissa_init: bool = False
     """Initialise the adapter from the principal singular vectors (PiSSA)."""
+    pissa_iter: int = 16
+    """PiSSA's fast-SVD iterations (LLaMA-Factory's default); -1 runs a full, exact SVD."""
+    pissa_convert: bool = False
+    """Save the PiSSA adapter as an ordinary LoRA adapter (rank doubled) that applies to the original base."""
     modules_to_save: list[str] = field(default_factory=list)
     """Extra modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head)."""
     create_new_adapter: bool = False
     """With model.adapter_path set: stack a new adapter on the merged old ones instead of continuing the last."""
+    plus_lr_ratio: float | None = None
+    """LoRA+: B matrices (and 1-D trainable params) learn at learning_rate * this ratio (e.g. 16); unset: plain LoRA."""
+    plus_lr_embedding: float = 1e-6
+    """LoRA+: learning rate of the adapters on embedding layers."""
 
 
 @dataclass
@@ -70,13 +88,33 @@ class FreezeConfig:
 
 
 @dataclass
+class OFTConfig:
+    rank: int = 0
+    """OFT blocks per adapted layer (r); 0 means derive it from block_size (give exactly one of the two)."""
+    block_size: int = 32
+    """Size of each orthogonal block; the layer's input size must be a multiple of it. 0 means use rank."""
+    targets: list[str] = field(default_factory=lambda: ["all"])
+    """Module names to adapt, or ['all'] for every linear layer but the output head."""
+    dropout: float = 0.0
+    """Multiplicative dropout: the chance each block is reset to the identity in a training step."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Extra modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head)."""
+    create_new_adapter: bool = False
+    """With model.adapter_path set: stack a new adapter on the merged old ones instead of continuing the last."""
+
+
+@dataclass
 class FinetuneConfig:
     method: Method = "lora"
-    """How weights are tuned: lora (adapters), full (every weight) or freeze (only some layers)."""
+    """How weights are tuned: lora or oft (adapters), full (every weight) or freeze (only some layers)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings, used when method is lora."""
+    oft: OFTConfig = field(default_factory=OFTConfig)
+    """Orthogonal fine-tuning settings, used when method is oft."""
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     """Freeze settings, used when method is freeze."""
+    llama_pro: bool = False
+    """Train only the blocks `tuneforge expand` added (LLaMA-Pro); freeze.trainable_layers gives their count."""
 
 
 @dataclass
@@ -103,6 +141,8 @@ class DataConfig:
     """System prompt used for rows that have none; default is the template's own."""
     enable_thinking: bool = True
     """For reasoning templates (qwen3): keep the thinking block in trained answers."""
+    tool_format: str | None = None
+    """Tool-call syntax replacing the named template's own (default, glm4, llama3, mistral, qwen, qwen3_5, ...)."""
     cutoff_len: int = 2048
     """Maximum tokens per encoded row."""
     overlong: Literal["truncate", "drop"] = "truncate"
@@ -120,7 +160,12 @@ class DataConfig:
     mask_history: bool = False
     """Train only on the last assistant turn of multi-turn rows."""
     packing: bool | None = None
-    """Pack rows into full cutoff_len sequences; default on for pt, off for sft."""
+    """Pack rows into full cutoff_len sequences; default on for pt, off for sft. Packed sft rows attend to each
+    other, as in LLaMA-Factory; see neat_packing."""
+    neat_packing: bool = False
+    """Pack sft rows without attention between them (each row sees only itself); implies packing."""
+    tokenized_path: str | None = None
+    """Folder of a tokenized dataset: saved there when missing, loaded from it (datasets ignored) when present."""
     num_proc: int | None = None
     """Processes for tokenization; default is one."""
     cache_dir: str | None = None
@@ -129,6 +174,68 @@ class DataConfig:
     """Tokenize again even when a cached copy exists."""
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     """Substitutions for the built-in identity dataset."""
+
+
+@dataclass
+class GaloreConfig:
+    enabled: bool = False
+    """Project the gradients of the targeted weight matrices to low rank (GaLore; not with LoRA)."""
+    target: list[str] = field(default_factory=lambda: ["all"])
+    """Linear modules whose weights GaLore projects (name substrings), or ['all'] for every linear layer but the head."""
+    rank: int = 16
+    """Rank of the projected gradients."""
+    update_interval: int = 200
+    """Recompute the projection (an SVD of the gradient) every N optimizer steps."""
+    scale: float = 2.0
+    """Scale applied to the projected-back update."""
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
+    """Which side(s) of the gradient are projected."""
+    layerwise: bool = False
+    """Step each weight as soon as its gradient is ready, then free it (less memory; no accumulation, DDP, clipping)."""
+
+
+@dataclass
+class ApolloConfig:
+    enabled: bool = False
+    """Scale raw gradients by factors estimated in a low-rank space (APOLLO; not with LoRA)."""
+    target: list[str] = field(default_factory=lambda: ["all"])
+    """Linear modules APOLLO applies to (name substrings), or ['all'] for every linear layer but the head."""
+    rank: int = 16
+    """Rank of the auxiliary low-rank space."""
+    update_interval: int = 200
+    """Draw a new projection every N optimizer steps."""
+    scale: float = 32.0
+    """Scale applied to the gradient-scaling factors."""
+    proj: Literal["svd", "random"] = "random"
+    """Projection: random (cheap, APOLLO's default) or svd (GaLore-style)."""
+    proj_type: Literal["std", "right", "left"] = "std"
+    """Which side of the gradient is projected."""
+    scale_type: Literal["channel", "tensor"] = "channel"
+    """Scaling factors per channel, or one per tensor (APOLLO-Mini)."""
+    layerwise: bool = False
+    """Step each weight as soon as its gradient is ready, then free it (less memory; no accumulation, DDP, clipping)."""
+    scale_front: bool = False
+    """Apply sqrt(scale) before the norm-growth limiter instead of after it (APOLLO-Mini)."""
+
+
+@dataclass
+class BadamConfig:
+    enabled: bool = False
+    """Train one block of parameters at a time (BAdam; full finetuning only); train.optimizer updates the block."""
+    mode: Literal["layer", "ratio"] = "layer"
+    """layer: one decoder layer per block; ratio: a sparse update_ratio share of every weight, by sparse Adam."""
+    start_block: int | None = None
+    """Layer mode: decoder layer to start with; default follows switch_mode (first for ascending)."""
+    switch_mode: Literal["ascending", "descending", "random", "fixed"] = "ascending"
+    """Layer mode: order in which the blocks take turns."""
+    switch_interval: int = 50
+    """Move to the next block every N optimizer steps (ratio mode: new masks); -1 never switches."""
+    update_ratio: float = 0.05
+    """Ratio mode: share of each weight's entries updated at a time."""
+    mask_mode: Literal["adjacent", "scatter"] = "adjacent"
+    """Ratio mode: the updated entries are adjacent, or scattered at random."""
+    verbose: int = 0
+    """0 quiet, 1 print each block switch, 2 also print the trainable parameter names."""
 
 
 @dataclass
@@ -150,7 +257,19 @@ class TrainConfig:
     warmup_steps: int = 0
     """Warmup steps; overrides warmup_ratio when > 0."""
     optimizer: str = "adamw"
-    """Optimizer: adamw, adam, sgd, adafactor, ... (torch optimizer names)."""
+    """Update rule: adamw, adam, sgd, rmsprop, adagrad, adafactor, adamw_8bit, paged_adamw_8bit, adam_mini, muon."""
+    adam_beta1: float = 0.9
+    """First-moment decay of the Adam family (adamw, adam, 8-bit AdamW, GaLore, APOLLO, Adam-mini, Muon's AdamW)."""
+    adam_beta2: float = 0.999
+    """Second-moment decay of the Adam family."""
+    adam_epsilon: float = 1e-8
+    """Denominator epsilon of the Adam family."""
+    galore: GaloreConfig = field(default_factory=GaloreConfig)
+    """GaLore gradient low-rank projection, on top of adamw, adamw_8bit or adafactor."""
+    apollo: ApolloConfig = field(default_factory=ApolloConfig)
+    """APOLLO low-rank gradient scaling, on top of adamw."""
+    badam: BadamConfig = field(default_factory=BadamConfig)
+    """BAdam block-coordinate training."""
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     max_grad_norm: float = 1.0
@@ -161,6 +280,12 @@ class TrainConfig:
     """Recompute activations in the backward pass to save memory (slower)."""
     seed: int = 42
     """Seed for shuffling, initialisation and dropout."""
+    data_seed: int | None = None
+    """Seed of the training order only; default is seed."""
+    shuffle: bool = True
+    """Shuffle the training rows each epoch; false trains in dataset order (and ignores group_by_length)."""
+    device: Literal["auto", "cpu"] = "auto"
+    """Where to train: auto uses the GPUs when there are any; cpu trains on the CPU even when a GPU is visible."""
     logging_steps: int = 10
     """Log metrics every N optimizer steps."""
     save_steps: int = 500
@@ -168,9 +293,19 @@ class TrainConfig:
     save_total_limit: int | None = None
     """Keep at most this many checkpoints (oldest deleted first)."""
     eval_steps: int | None = None
-    """Evaluate on the validation split every N steps; default is save_steps."""
+    """Evaluate on the validation split every N steps; default is save_steps; 0 means not during training."""
     eval_batch_size: int = 1
     """Rows per device per evaluation batch."""
+    enabled: bool = True
+    """Train at all; false makes `tuneforge train` only run eval.modes on the model as given (LF: do_train false)."""
+    early_stopping_steps: int | None = None
+    """Stop when metric_for_best_model has not improved for this many evaluations in a row."""
+    load_best_model_at_end: bool = False
+    """Make the final weights those of the best evaluated checkpoint (by metric_for_best_model)."""
+    metric_for_best_model: str = "eval_loss"
+    """Evaluation metric that picks the best checkpoint and drives early stopping ('eval_' may be left off)."""
+    greater_is_better: bool | None = None
+    """Whether a higher metric_for_best_model is better; default: false for metrics ending in 'loss', else true."""
     resume_from_checkpoint: str | None = None
     """Checkpoint folder to resume from, or 'auto' for the newest valid one in the output folder."""
     report_to: list[str] = field(default_factory=list)
@@ -184,6 +319,8 @@ class TrainConfig:
     """Background processes loading batches."""
     ddp_timeout: int = 1800
     """Seconds a distributed process waits for the others."""
+    neftune_alpha: float | None = None
+    """NEFTune: add uniform noise of size alpha / sqrt(length * hidden) to the input embeddings while training."""
 
 
 @dataclass
@@ -257,7 +394,11 @@ class EvalConfig:
     samples: int = 5
     """Predictions shown side by side in the report."""
     after_training: bool = False
-    """Run these evaluations on the final model at the end of `tuneforge train` (into <run>/eval)."""
+    """Run these evaluations at the end of `tuneforge train` on the final model, or on the given model when
+    train.enabled is false (into <run>/eval)."""
+    lf_dir: str | None = None
+    """Also write LLaMA-Factory's result files here (generated_predictions.jsonl, predict_results.json,
+    eval_results.json, all_results.json); LF's output_dir sets it."""
 
 
 @dataclass
@@ -270,6 +411,17 @@ class ReferenceConfig:
     """Load the separate reference model quantized to 4 or 8 bits."""
     precompute: bool = False
     """Compute reference log-probs once before training, cache them with the tokenized data, free the reference."""
+
+
+@dataclass
+class SFTConfig:
+    loss: Literal["ce", "dft", "eaft", "asft"] = "ce"
+    """Token loss: ce (cross-entropy), dft (weighted by the token's probability), eaft (by the model's entropy) or
+    asft (dft plus a KL anchor to the reference model)."""
+    eaft_alpha: float = 1.0
+    """EAFT: power of the entropy weight."""
+    asft_alpha: float = 0.1
+    """ASFT: weight of the KL(reference || policy) term."""
 
 
 @dataclass
@@ -330,9 +482,11 @@ class RunConfig:
     """Evaluation and prediction (`tuneforge eval`)."""
     rm: RMConfig = field(default_factory=RMConfig)
     """Reward-model stage settings."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """SFT stage settings (the token loss)."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """DPO-family stage settings (loss variant, beta, ...)."""
     kto: KTOConfig = field(default_factory=KTOConfig)
     """KTO stage settings."""
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    """The reference model of dpo and kto."""
+    """The reference model of dpo, kto and sft's asft loss."""

@@ -17,6 +17,7 @@ from tuneforge.config.schema import DataConfig
 from tuneforge.data.catalog import get_spec, load_catalog
 from tuneforge.data.encode import EncodeOptions
 from tuneforge.data.pipeline import encode_examples, load_examples, mix, split_validation
+from tuneforge.data.tokenized import has_tokenized, load_tokenized, report_dict, save_tokenized
 from tuneforge.data.types import EncodeReport
 from tuneforge.errors import DataError
 from tuneforge.paths import tuneforge_home
@@ -42,19 +43,32 @@ def encode_options(data: DataConfig) -> EncodeOptions:
 
 
 def packing_enabled(data: DataConfig, kind: str) -> bool:
-    """Packing defaults to on for pre-training (text) and off otherwise."""
-    return data.packing if data.packing is not None else kind == "text"
+    """Packing defaults to on for pre-training (text) and off otherwise; neat_packing turns it on."""
+    return data.neat_packing or (data.packing if data.packing is not None else kind == "text")
 
 
 def build_datasets(data: DataConfig, kind: str, template: Template, seed: int) -> EncodedData:
     """Load, mix, split and encode the configured datasets for a data kind (see tuneforge.data.pipeline.KINDS),
-    reusing a cached copy when nothing changed."""
+    reusing a cached copy when nothing changed. With data.tokenized_path: load the rows saved there, or save
+    them there when the folder is missing or empty (as LLaMA-Factory does)."""
+    if data.tokenized_path and has_tokenized(data.tokenized_path):
+        train, val, report, key = load_tokenized(data.tokenized_path, kind, tokenized_record(data, kind, template))
+        return EncodedData(train, val, report, key, from_cache=True)
     if not data.dataset:
         raise DataError("no training data: set data.dataset (LLaMA-Factory: dataset) to one or more dataset names")
     key = cache_key(data, kind, template, seed)
     folder = cache_folder(data) / key
     if (folder / "report.json").is_file() and not data.overwrite_cache:
-        return _load_cached(folder, key)
+        encoded = _load_cached(folder, key)
+    else:
+        encoded = _encode(data, kind, template, seed, folder, key)
+    if data.tokenized_path:
+        record = dict(tokenized_record(data, kind, template), key=key, report=report_dict(encoded.report))
+        save_tokenized(data.tokenized_path, encoded.train, encoded.val, record)
+    return encoded
+
+
+def _encode(data: DataConfig, kind: str, template: Template, seed: int, folder: Path, key: str) -> EncodedData:
     groups = [load_examples(data, name, kind, seed).examples for name in data.dataset]
     examples = mix(groups, data.mix_strategy, data.interleave_probs, seed)
     train, val = split_validation(examples, data.val_size, seed)
@@ -87,23 +101,34 @@ def cache_key(data: DataConfig, kind: str, template: Template, seed: int) -> str
         "version": __version__,
         "stage": kind,
         "seed": seed,
-        "data": dataclasses.asdict(dataclasses.replace(data, overwrite_cache=False, num_proc=None, cache_dir=None)),
+        "data": dataclasses.asdict(dataclasses.replace(data, overwrite_cache=False, num_proc=None, cache_dir=None,
+                                                        tokenized_path=None)),
         "specs": [dataclasses.asdict(s) for s in specs],
         "files": [file_digest(Path(s.location)) for s in specs if s.source == "file"],
         "template": template_digest(template),
-        "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-        if getattr(tokenizer, "is_fast", False) else str(tokenizer.name_or_path) + str(len(tokenizer)),
+        "tokenizer": tokenizer_digest(tokenizer),
         "special": [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def tokenizer_digest(tokenizer: Any) -> str:
+    """Hash of the vocabulary (added tokens included) and of whether special-token text is split."""
+    body = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) \
+        else str(tokenizer.name_or_path) + str(len(tokenizer))
+    return hashlib.sha256((body + str(getattr(tokenizer, "split_special_tokens", False))).encode()).hexdigest()[:16]
+
+
+def tokenized_record(data: DataConfig, kind: str, template: Template) -> dict[str, Any]:
+    """What a data.tokenized_path folder records about how its rows were made (checked when it is loaded)."""
+    return {"version": __version__, "kind": kind, "tokenizer": tokenizer_digest(template.tokenizer),
+            "model": str(template.tokenizer.name_or_path), "template": template_digest(template),
+            "template_name": template.name, "cutoff_len": data.cutoff_len, "packing": packing_enabled(data, kind)}
+
+
 def template_digest(template: Template) -> str:
-    """Hash of what a template renders with (formats or the Jinja source)."""
-    body = getattr(template, "formats", None)
-    text = repr(body) if body is not None else str(template.tokenizer.chat_template)
-    extra = [template.name, getattr(template, "default_system", None), getattr(template, "enable_thinking", None)]
-    return hashlib.sha256((text + repr(extra)).encode()).hexdigest()[:16]
+    """Hash of everything a template's rendering depends on (Template.cache_key)."""
+    return hashlib.sha256(template.cache_key().encode()).hexdigest()[:16]
 
 
 def file_digest(path: Path) -> str:

@@ -37,16 +37,22 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
     return new_source, new_target
 
 
-def encode_supervised(pairs: list[PairIds], opts: EncodeOptions) -> dict[str, Any]:
-    """input_ids and labels of a multi-turn row: responses trained, prompts masked (unless train_on_prompt)."""
-    total = sum(len(s) + len(t) for s, t in pairs)
+def encode_supervised(pairs: list[PairIds], opts: EncodeOptions, efficient_eos: int | None = None) -> dict[str, Any]:
+    """input_ids and labels of a multi-turn row: responses trained, prompts masked (unless train_on_prompt).
+
+    With `efficient_eos` (the eos id of templates such as glm4 that place no eos between turns), the row ends with
+    that eos, trained, and every later prompt's first label is the eos, so each answer still learns to stop:
+    LLaMA-Factory's rule, the final eos counted against cutoff_len.
+    """
+    end = [] if efficient_eos is None else [efficient_eos]
+    total = sum(len(s) + len(t) for s, t in pairs) + len(end)
     if total > opts.cutoff_len and opts.overlong == "drop":
         return {"input_ids": [], "labels": [], "status": "dropped"}
     # With mask_history the last turn is encoded first, so truncation eats the history, never the trained turn.
     order = list(reversed(pairs)) if opts.mask_history else pairs
     input_ids: list[int] = []
     labels: list[int] = []
-    used = 0
+    used = len(end)
     for turn, (source, target) in enumerate(order):
         if used >= opts.cutoff_len:
             break
@@ -54,6 +60,8 @@ def encode_supervised(pairs: list[PairIds], opts: EncodeOptions) -> dict[str, An
         source, target = source[:source_len], target[:target_len]
         used += source_len + target_len
         source_labels = list(source) if opts.train_on_prompt else [IGNORE_INDEX] * len(source)
+        if efficient_eos is not None and turn > 0 and source and not opts.train_on_prompt:
+            source_labels[0] = efficient_eos  # the previous answer's stop, learned at the next prompt's start
         trained = not opts.mask_history or turn == 0
         target_labels = list(target) if trained else [IGNORE_INDEX] * len(target)
         if opts.mask_history:
@@ -63,7 +71,7 @@ def encode_supervised(pairs: list[PairIds], opts: EncodeOptions) -> dict[str, An
             input_ids += source + target
             labels += source_labels + target_labels
     status: Status = "truncated" if total > opts.cutoff_len else "ok"
-    return {"input_ids": input_ids, "labels": labels, "status": status}
+    return {"input_ids": input_ids + end, "labels": labels + end, "status": status}
 
 
 def encode_pairwise(prompt: list[int], chosen: list[int], rejected: list[int], opts: EncodeOptions,

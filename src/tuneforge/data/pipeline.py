@@ -29,7 +29,7 @@ from tuneforge.data.types import (
     Text,
 )
 from tuneforge.errors import DataError, TemplateError
-from tuneforge.templates.base import Template
+from tuneforge.templates.base import Side, Template
 
 # A data kind is what a stage trains on (each stage declares its own; see tuneforge.stages):
 # text (pre-training), sft (conversations), pairwise (preference pairs), kto (labelled answers).
@@ -175,36 +175,41 @@ def _encode_chunk(job: tuple[list[Example], Template, EncodeOptions, str, bool])
         limit = 2**62 if packing else opts.cutoff_len  # packed rows are cut into blocks later, not one by one
         return [dict(encode_text(i, eos, limit), origin=e.origin) for i, e in zip(ids, examples)]
     rendered = [_render(e, template, kind) for e in examples]
-    flat = [text for pieces in rendered for text in pieces]
-    ids = iter(_batch_tokenize(template, flat))
+    flat = [side for sides in rendered for side in sides]
+    ids = iter(template.encode_sides(flat))
     out = []
-    for example, pieces in zip(examples, rendered):
-        piece_ids = [next(ids) for _ in pieces]
-        out.append(dict(_encode_one(example, piece_ids, kind, opts), origin=example.origin))
+    for example, sides in zip(examples, rendered):
+        side_ids = [next(ids) for _ in sides]
+        row = _encode_one(example, side_ids, kind, opts, template.efficient_eos_id)
+        out.append(dict(row, origin=example.origin))
     return out
 
 
-def _render(example: Example, template: Template, kind: str) -> list[str]:
+def _render(example: Example, template: Template, kind: str) -> list[Side]:
+    """The pieces of each prompt and response side (each piece is tokenized on its own)."""
     try:
         if isinstance(example, PreferencePair):
-            chosen = template.render_pairs(example.prompt + [example.chosen], example.system, example.tools)
-            rejected = template.render_pairs(example.prompt + [example.rejected], example.system, example.tools)
+            chosen = template.render_pieces(example.prompt + [example.chosen], example.system, example.tools)
+            rejected = template.render_pieces(example.prompt + [example.rejected], example.system, example.tools)
             return [t for p, r in chosen[:-1] for t in (p, r)] + [chosen[-1][0], chosen[-1][1], rejected[-1][1]]
-        pairs = template.render_pairs(example.messages, example.system, example.tools)  # type: ignore[union-attr]
+        pairs = template.render_pieces(example.messages, example.system, example.tools)  # type: ignore[union-attr]
     except TemplateError as err:
         raise TemplateError(f"{example.origin}: {err}") from None
     return [t for pair in pairs for t in pair]
 
 
-def _encode_one(example: Example, ids: list[list[int]], kind: str, opts: EncodeOptions) -> dict[str, Any]:
+def _encode_one(example: Example, ids: list[list[int]], kind: str, opts: EncodeOptions,
+                efficient_eos: int | None = None) -> dict[str, Any]:
     if kind == "pairwise":
         prompt = [t for piece in ids[:-2] for t in piece]
-        return encode_pairwise(prompt, ids[-2], ids[-1], opts, tail=len(ids[-3]))
+        end = [efficient_eos] if efficient_eos is not None else []  # eos ends each answer (LLaMA-Factory)
+        return encode_pairwise(prompt, ids[-2] + end, ids[-1] + end, opts, tail=len(ids[-3]))
     pairs = [(ids[i], ids[i + 1]) for i in range(0, len(ids), 2)]
     if kind == "kto":
-        row = encode_supervised(pairs, EncodeOptions(opts.cutoff_len, opts.train_on_prompt, True, opts.overlong))
+        row = encode_supervised(pairs, EncodeOptions(opts.cutoff_len, opts.train_on_prompt, True, opts.overlong),
+                                efficient_eos)
         return dict(row, kto_label=example.label)  # type: ignore[union-attr]
-    return encode_supervised(pairs, opts)
+    return encode_supervised(pairs, opts, efficient_eos)
 
 
 def _batch_tokenize(template: Template, texts: list[str]) -> list[list[int]]:

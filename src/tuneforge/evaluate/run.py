@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -20,11 +21,11 @@ from tuneforge.chat.engine import ChatEngine, load_engine
 from tuneforge.config.rules import PREFERENCE_STAGES
 from tuneforge.config.schema import DataConfig, RunConfig
 from tuneforge.data.build import build_datasets
-from tuneforge.data.pipeline import load_examples
+from tuneforge.data.pipeline import load_examples, mix, split_validation
 from tuneforge.data.types import Conversation, KTOExample, PreferencePair
 from tuneforge.errors import DataError
 from tuneforge.evaluate import choice as mc
-from tuneforge.evaluate import pairs
+from tuneforge.evaluate import lf_outputs, pairs
 from tuneforge.evaluate.metrics import repeats_itself, score
 from tuneforge.io import write_text_atomic
 
@@ -44,9 +45,12 @@ class LocalRuntime:
         return nullcontext()
 
 
-def evaluate(cfg: RunConfig, compare_base: bool = False) -> dict[str, Any]:
-    """Run every configured mode for the tuned model (and the base); write results.json and report.md."""
+def evaluate(cfg: RunConfig, compare_base: bool = False, trained: bool = False) -> dict[str, Any]:
+    """Run every configured mode for the tuned model (and the base); write results.json and report.md, and
+    LLaMA-Factory's result files into eval.lf_dir when set. trained: the weights were trained just now."""
+    began = time.perf_counter()
     engine = load_engine(cfg.model, cfg.data.template, cfg.data.default_system, cfg.data.enable_thinking)
+    seconds = {"model_preparation": time.perf_counter() - began}
     cfg, inferred = pairs.resolve_stage(cfg, engine)
     out = Path(cfg.eval.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,6 +60,7 @@ def evaluate(cfg: RunConfig, compare_base: bool = False) -> dict[str, Any]:
     for name, adapter in models.items():
         for mode in cfg.eval.modes:
             suffix = "" if name in ("tuned", "model") else f"_{name}"
+            began = time.perf_counter()
             if mode == "loss":
                 with stage_explained(inferred, cfg.stage):
                     results[name]["loss"] = loss_mode(engine, adapter, cfg)
@@ -70,6 +75,9 @@ def evaluate(cfg: RunConfig, compare_base: bool = False) -> dict[str, Any]:
                 results[name]["predict"] = predict_mode(engine, adapter, cfg, out / f"predictions{suffix}.jsonl")
             else:
                 results[name]["choice"] = choice_mode(engine, adapter, cfg)
+            seconds.setdefault(mode, time.perf_counter() - began)  # the tuned model's (it runs first)
+    if cfg.eval.lf_dir:
+        write_lf_results(cfg, engine, results[next(iter(models))], seconds, trained)
     write_text_atomic(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     write_text_atomic(out / "report.md", report_markdown(results, out, cfg.eval.samples))
     return results
@@ -87,6 +95,33 @@ def stage_explained(inferred: bool, stage: str) -> Iterator[None]:
                         "evaluate them on conversations instead") from None
 
 
+def write_lf_results(cfg: RunConfig, engine: ChatEngine, results: dict[str, Any], seconds: dict[str, float],
+                     trained: bool) -> None:
+    """LLaMA-Factory's files in eval.lf_dir: eval_results.json (loss mode), generated_predictions.jsonl and
+    predict_results.json (predict mode), all_results.json; model_preparation_time only without training, as HF."""
+    folder = Path(cfg.eval.lf_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    prep = {} if trained else {"model_preparation_time": round(seconds["model_preparation"], 4)}
+    if "loss" in results:
+        rows = results["loss"]["rows"]
+        metrics = {**lf_outputs.eval_metrics(results["loss"]),
+                   **lf_outputs.speed_metrics("eval", seconds["loss"], rows, cfg.eval.batch_size)}
+        lf_outputs.save_metrics(folder, "eval", {**metrics, **{f"eval_{k}": v for k, v in prep.items()}})
+    predict = results.get("predict", {})
+    if "bleu-4" in predict:  # conversations answered (a reward model's pair scores have no LF counterpart here)
+        records = read_predictions(Path(predict["file"]))
+        lines = lf_outputs.prediction_lines(engine, prediction_examples(cfg), records, cfg.generation.system)
+        lf_outputs.write_predictions(folder, lines)
+        metrics = {**lf_outputs.predict_metrics(predict),
+                   **lf_outputs.speed_metrics("predict", seconds["predict"], len(records), cfg.eval.batch_size)}
+        lf_outputs.save_metrics(folder, "predict", {**metrics, **{f"predict_{k}": v for k, v in prep.items()}})
+
+
+def uses_validation_split(cfg: RunConfig) -> bool:
+    """No eval_dataset but a val_size: evaluate on the validation split training makes (LLaMA-Factory's rule)."""
+    return not cfg.data.eval_dataset and cfg.data.val_size > 0
+
+
 def eval_dataset_names(cfg: RunConfig) -> list[str]:
     """eval_dataset when given, else the training datasets."""
     names = cfg.data.eval_dataset or cfg.data.dataset
@@ -96,8 +131,12 @@ def eval_dataset_names(cfg: RunConfig) -> list[str]:
 
 
 def eval_data(cfg: RunConfig) -> DataConfig:
-    """The data section evaluation encodes: the evaluation datasets as one unsplit, unpacked set."""
-    return replace(cfg.data, dataset=eval_dataset_names(cfg), eval_dataset=[], val_size=0.0, packing=False)
+    """The data section evaluation encodes: the evaluation datasets as one unsplit, unpacked set (or, with only
+    val_size, the training datasets split as training splits them; the caller takes the validation part)."""
+    if uses_validation_split(cfg):
+        return replace(cfg.data, packing=False, neat_packing=False, tokenized_path=None)
+    return replace(cfg.data, dataset=eval_dataset_names(cfg), eval_dataset=[], val_size=0.0, packing=False,
+                   neat_packing=False, tokenized_path=None)
 
 
 def loss_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig) -> dict[str, float]:
@@ -111,7 +150,8 @@ def loss_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig) -> dict[str, fl
     data_cfg = eval_data(cfg)
     stage = build_stage(cfg, engine.tokenizer.pad_token_id)
     data = build_datasets(data_cfg, stage.data_kind, engine.template, cfg.train.seed)
-    rows, _ = training_rows(data, replace(cfg, data=data_cfg), stage)
+    rows, val_rows = training_rows(data, replace(cfg, data=data_cfg), stage)
+    rows = val_rows if uses_validation_split(cfg) else rows
     results: dict[str, float] = {}
     model = pairs.stage_model(stage, engine, adapter, cfg)
     if model is not None:
@@ -134,8 +174,13 @@ def prediction_examples(cfg: RunConfig) -> list[Conversation]:
     from tuneforge.stages import data_kind
 
     kind = data_kind(cfg.stage) if cfg.stage in ("dpo", "kto") else "sft"
-    examples = [e for name in eval_dataset_names(cfg)
-                for e in load_examples(cfg.data, name, kind, cfg.train.seed).examples]
+    seed = cfg.train.seed
+    if uses_validation_split(cfg):  # the validation rows exactly as training splits them off
+        groups = [load_examples(cfg.data, name, kind, seed).examples for name in cfg.data.dataset]
+        examples = split_validation(mix(groups, cfg.data.mix_strategy, cfg.data.interleave_probs, seed),
+                                    cfg.data.val_size, seed)[1]
+    else:
+        examples = [e for name in eval_dataset_names(cfg) for e in load_examples(cfg.data, name, kind, seed).examples]
     out = []
     for e in examples:
         if isinstance(e, PreferencePair):

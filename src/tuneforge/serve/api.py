@@ -5,7 +5,6 @@ reward models (stage rm) answer LLaMA-Factory's POST /v1/score/evaluation instea
 
 import asyncio
 import json
-import re
 import time
 import uuid
 from dataclasses import replace
@@ -15,7 +14,8 @@ from tuneforge.chat.engine import BASE, ChatEngine, Completion
 from tuneforge.config.schema import GenerationConfig
 from tuneforge.data.types import Message
 from tuneforge.errors import TuneforgeError
-from tuneforge.serve.messages import score_sequences, to_messages
+from tuneforge.serve.messages import as_openai, openai_tool_calls, score_sequences, to_messages
+from tuneforge.templates.tools import read_hermes_or_json
 
 MAX_SCORE_ITEMS = 128  # texts per score request; each batch of SCORE_BATCH holds the engine's lock only briefly
 
@@ -158,7 +158,7 @@ def add_chat_route(app: Any, engine: ChatEngine, models: dict[str, Any], default
                 done = await asyncio.to_thread(engine.complete, messages, seeded, adapter, tools, stop)
             except TuneforgeError as err:
                 return error(400, str(err))
-            choices.append(choice(index, done, tools))
+            choices.append(choice(index, done, tools, engine.template))
             usage["prompt_tokens"] = done.prompt_tokens
             usage["completion_tokens"] += done.completion_tokens
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -200,9 +200,11 @@ def scoring_model(engine: ChatEngine, models: dict[str, Any], requested: str) ->
     return rewards[0] if len(rewards) == 1 else None
 
 
-def choice(index: int, done: Completion, tools: str | None) -> dict[str, Any]:
-    """One choice of a non-streaming response; tool calls are parsed when tools were offered."""
-    calls = parse_tool_calls(done.text) if tools else []
+def choice(index: int, done: Completion, tools: str | None, template: Any = None) -> dict[str, Any]:
+    """One choice of a non-streaming response; tool calls are read in the template's tool format when tools
+    were offered."""
+    calls = (openai_tool_calls(template, done.text) if template is not None else parse_tool_calls(done.text)) \
+        if tools else []
     if calls:
         return {"index": index, "finish_reason": "tool_calls",
                 "message": {"role": "assistant", "content": None, "tool_calls": calls}}
@@ -210,24 +212,10 @@ def choice(index: int, done: Completion, tools: str | None) -> dict[str, Any]:
             "message": {"role": "assistant", "content": done.text}}
 
 
-TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
-
-
 def parse_tool_calls(text: str) -> list[dict[str, Any]]:
-    """Tool calls in `<tool_call>{json}</tool_call>` blocks, or an answer that is one {"name", "arguments"} object."""
-    blobs = TOOL_CALL.findall(text) or ([text.strip()] if text.strip().startswith("{") else [])
-    calls = []
-    for blob in blobs:
-        try:
-            data = json.loads(blob)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(data, dict) and "name" in data:
-            arguments = data.get("arguments", {})
-            calls.append({"id": f"call_{uuid.uuid4().hex[:16]}", "type": "function",
-                          "function": {"name": data["name"], "arguments": arguments if isinstance(arguments, str)
-                                       else json.dumps(arguments, ensure_ascii=False)}})
-    return calls
+    """Tool calls in `<tool_call>{json}</tool_call>` blocks, or an answer that is one {"name", "arguments"} object
+    (for templates that name no tool format)."""
+    return as_openai(read_hermes_or_json(text) or [])
 
 
 async def stream_chunks(engine: ChatEngine, messages: list[Message], gen: GenerationConfig, adapter: Any,

@@ -4,11 +4,30 @@ conversations to score (the reward model's /v1/score/evaluation)."""
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 from tuneforge.chat.engine import ChatEngine
 from tuneforge.data.types import Message
 from tuneforge.errors import TuneforgeError
+from tuneforge.templates.base import Template
+from tuneforge.templates.tools import Call
+
+
+def openai_tool_calls(template: Template, text: str) -> list[dict[str, Any]]:
+    """The answer's tool calls, read in the template's tool format, as OpenAI tool_calls (empty: it calls none)."""
+    return as_openai(template.extract_tool_calls(text) or [])
+
+
+def as_openai(calls: list[Call]) -> list[dict[str, Any]]:
+    """(name, JSON arguments) calls as OpenAI tool_calls entries; arguments stay JSON text, as OpenAI sends them."""
+    out = []
+    for name, arguments in calls:
+        decoded = json.loads(arguments)
+        text = decoded if isinstance(decoded, str) else arguments  # a model that wrote its arguments as a string
+        out.append({"id": f"call_{uuid.uuid4().hex[:16]}", "type": "function",
+                    "function": {"name": name, "arguments": text}})
+    return out
 
 
 def parse_turns(raw: list[Any], where: str = "messages") -> tuple[list[Message], str | None]:

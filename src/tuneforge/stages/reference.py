@@ -98,8 +98,9 @@ def build_reference(cfg: RunConfig, policy: nn.Module, device: Any = "cpu") -> R
         model = model if ref.quantization_bit else model.to(device)
         return Reference("separate", f"separate model {ref.model}{extra}", freeze(model))
     adapters = cfg.model.adapter_path
-    if cfg.finetune.method == "lora":
-        if adapters and not cfg.finetune.lora.create_new_adapter:
+    if cfg.finetune.method in ("lora", "oft"):  # peft adapters: switched off, or a frozen copy of the start
+        settings = cfg.finetune.lora if cfg.finetune.method == "lora" else cfg.finetune.oft
+        if adapters and not settings.create_new_adapter:
             peft_model(policy).load_adapter(adapters[-1], adapter_name=REF_ADAPTER, is_trainable=False)
             return Reference("adapter-copy", f"frozen copy of the starting adapter {adapters[-1]}")
         merged = f" with {', '.join(adapters)} merged" if adapters else ""

@@ -24,6 +24,9 @@ class AutoTemplate(Template):
         self.enable_thinking = enable_thinking
         self.stop_words = [tokenizer.eos_token] if tokenizer.eos_token else []
 
+    def cache_key(self) -> str:
+        return repr([self.name, self.tokenizer.chat_template, self.default_system, self.enable_thinking])
+
     def render_pairs(self, messages: list[Message], system: str | None, tools: str | None) -> list[Pair]:
         """Slice the full rendering at each turn boundary; each slice must extend the previous rendering."""
         pairs = []

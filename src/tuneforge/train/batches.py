@@ -24,6 +24,8 @@ class BatchPlan:
     world_size: int
     epochs: float
     max_steps: int = -1
+    shuffle: bool = True  # false: every epoch in dataset order (LLaMA-Factory's disable_shuffling)
+    data_seed: int | None = None  # seeds the order instead of the run seed (the HF Trainer's data_seed)
 
     @property
     def global_micro_batch(self) -> int:
@@ -45,10 +47,14 @@ class BatchPlan:
 
 
 def epoch_order(lengths: list[int], plan: BatchPlan, epoch: int, seed: int, group_by_length: bool) -> list[list[int]]:
-    """Global micro-batches (row indices) for one epoch: shuffled, optionally grouped by similar length."""
+    """Global micro-batches (row indices) for one epoch: shuffled, optionally grouped by similar length; in
+    dataset order when the plan does not shuffle (length grouping would reorder rows, so it is off then too)."""
+    seed = plan.data_seed if plan.data_seed is not None else seed
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
-    rng.shuffle(order)
+    group_by_length = group_by_length and plan.shuffle
+    if plan.shuffle:
+        rng.shuffle(order)
     size = plan.global_micro_batch
     if group_by_length:
         mega = size * MEGABATCH
@@ -82,11 +88,13 @@ def epoch_of(step: int, plan: BatchPlan) -> float:
     return step / plan.steps_per_epoch
 
 
-def pack_rows(rows: list[dict], cutoff: int, seed: int) -> list[dict]:
+def pack_rows(rows: list[dict], cutoff: int, seed: int, neat: bool = True, shuffle: bool = True) -> list[dict]:
     """Greedy first-fit-decreasing packing of SFT rows into blocks of at most cutoff tokens.
 
-    Each row keeps its own position ids (restarting at 0) so attention never crosses rows, and the first label of
-    every row is masked, so packed and unpacked losses are the same sum over the same predictions.
+    Each row keeps its own position ids (restarting at 0) and the first label of every row is masked. Neat
+    packing (LLaMA-Factory's neat_packing) keeps attention inside each row, so packed and unpacked losses are the
+    same sum over the same predictions; plain packing (its `packing: true`) lets each token also attend to the
+    rows packed before it (`cross_attention` tells the collator). Blocks are shuffled unless `shuffle` is off.
     """
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["input_ids"]), i))
     bins: list[list[int]] = []
@@ -100,7 +108,10 @@ def pack_rows(rows: list[dict], cutoff: int, seed: int) -> list[dict]:
         else:
             bins[slot].append(i)
             room[slot] -= n
-    random.Random(seed).shuffle(bins)
+    if shuffle:
+        random.Random(seed).shuffle(bins)
+    else:
+        bins.sort(key=min)  # blocks in the dataset order of their earliest row
     packed = []
     for members in bins:
         ids, labels, positions = [], [], []
@@ -109,8 +120,9 @@ def pack_rows(rows: list[dict], cutoff: int, seed: int) -> list[dict]:
             ids += row["input_ids"]
             labels += [-100] + list(row["labels"][1:])
             positions += list(range(len(row["input_ids"])))
-        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions,
-                       "origin": f"packed {len(members)} rows"})
+        block = {"input_ids": ids, "labels": labels, "position_ids": positions,
+                 "origin": f"packed {len(members)} rows"}
+        packed.append(block if neat else dict(block, cross_attention=True))
     return packed
 
 

@@ -6,7 +6,7 @@ import json
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     elapsed: float = 0.0
+    best: dict[str, Any] = field(default_factory=dict)  # the best-model tracker's state (see train.loop.BestModel)
 
 
 def checkpoint_dir(output: Path, step: int) -> Path:
@@ -35,12 +36,17 @@ def checkpoint_dir(output: Path, step: int) -> Path:
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState,
-                    save_adapter: Any = None, stage_state: dict[str, Any] | None = None) -> None:
-    """Write everything needed to continue exactly; rename into place only when complete."""
+                    save_adapter: Any = None, stage_state: dict[str, Any] | None = None,
+                    names: set[str] | None = None) -> None:
+    """Write everything needed to continue exactly; rename into place only when complete.
+
+    names: the parameters to save (default: those requiring gradients now; BAdam marks only its active block).
+    """
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
+               if (n in names if names is not None else p.requires_grad)}
     save_file(weights, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -56,6 +62,17 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: A
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, stage: Any = None) -> TrainState:
     """Restore weights, optimizer, schedule, RNG and the stage's running state; return the saved position."""
+    load_weights(folder, model)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
+    if stage is not None and (folder / STAGE_FILE).is_file():
+        stage.load_state_dict(json.loads((folder / STAGE_FILE).read_text(encoding="utf-8")))
+    return TrainState(**json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
+
+
+def load_weights(folder: Path, model: nn.Module) -> None:
+    """Copy a checkpoint's trained weights into the model (nothing else)."""
     weights = load_file(str(folder / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
@@ -65,12 +82,6 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: A
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
-    if stage is not None and (folder / STAGE_FILE).is_file():
-        stage.load_state_dict(json.loads((folder / STAGE_FILE).read_text(encoding="utf-8")))
-    return TrainState(**json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
 
 
 def rng_state() -> dict[str, Any]:
@@ -112,9 +123,10 @@ def resolve_resume(value: str | None, output: Path) -> Path | None:
     return folder
 
 
-def prune_checkpoints(output: Path, keep: int | None) -> None:
-    """Delete the oldest checkpoints beyond save_total_limit."""
+def prune_checkpoints(output: Path, keep: int | None, protect: Path | None = None) -> None:
+    """Delete the oldest checkpoints beyond save_total_limit, never `protect` (the best one, when it matters)."""
     if keep is None or keep < 1:
         return
     for old in list_checkpoints(output)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != protect:
+            shutil.rmtree(old, ignore_errors=True)

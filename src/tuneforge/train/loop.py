@@ -14,13 +14,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tuneforge.config.schema import TrainConfig
+from tuneforge.config.rules import eval_interval
+from tuneforge.config.schema import LoraConfig, TrainConfig
+from tuneforge.errors import ConfigError
 from tuneforge.stages.base import Stage
 from tuneforge.train.batches import BatchPlan, epoch_of, split_by_tokens, step_batches
 from tuneforge.train.checkpoint import (
     TrainState,
     checkpoint_dir,
     load_checkpoint,
+    load_weights,
     prune_checkpoints,
     resolve_resume,
     save_checkpoint,
@@ -83,6 +86,7 @@ class RunContext:
     forward_tokens: int = 0  # 0: each micro-batch is one forward pass
     tracker_config: dict[str, Any] = field(default_factory=dict)
     logging_dir: Path | None = None
+    lora: LoraConfig | None = None  # the LoRA settings (LoRA+ learning rates) when the method is lora
 
 
 @dataclass
@@ -92,6 +96,65 @@ class FitResult:
     state: TrainState
     interrupted: bool
     last_loss: float | None
+    stop_reason: str = "completed"  # completed | early_stopping | interrupted
+    weights_step: int | None = None  # the step whose weights the model holds now (the best one when loaded)
+
+    def outcome(self) -> dict[str, Any]:
+        """How training ended, for the manifest: why it stopped, at which step, whose weights are final."""
+        return {"stop_reason": self.stop_reason, "steps": self.state.step,
+                "final_weights_step": self.weights_step or self.state.step, "best_model": self.state.best or None}
+
+
+@dataclass
+class BestModel:
+    """metric_for_best_model over the evaluations, as the HF Trainer tracks it: early stopping counts evaluations in
+    a row that do not strictly beat the best value so far (EarlyStoppingCallback, threshold 0); the best step is
+    the best evaluation among those whose weights are kept (a checkpoint, or the final weights)."""
+
+    metric: str
+    greater: bool
+    patience: int | None
+    value: float | None = None  # best value of any evaluation
+    bad_evals: int = 0  # evaluations in a row without improvement
+    step: int | None = None  # best evaluated step with kept weights
+    step_value: float | None = None
+
+    @classmethod
+    def from_config(cls, train: TrainConfig, saved: dict[str, Any]) -> BestModel | None:
+        """None when neither early stopping nor load_best_model_at_end is asked for; else resumed from `saved`."""
+        if train.early_stopping_steps is None and not train.load_best_model_at_end:
+            return None
+        metric = train.metric_for_best_model
+        metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+        greater = train.greater_is_better if train.greater_is_better is not None else not metric.endswith("loss")
+        best = cls(metric, greater, train.early_stopping_steps)
+        if saved.get("metric", metric) != metric or saved.get("greater", greater) != greater:
+            return best  # resumed with another metric or direction: the saved best means nothing for it
+        for key in ("value", "bad_evals", "step", "step_value"):
+            setattr(best, key, saved.get(key, getattr(best, key)))
+        return best
+
+    def better(self, value: float, than: float | None) -> bool:
+        """Strictly better in the metric's direction (anything beats no value)."""
+        return than is None or (value > than if self.greater else value < than)
+
+    def update(self, step: int, metrics: dict[str, float], kept: bool) -> bool:
+        """Record one evaluation; kept: this step's weights are saved. True when training should stop now."""
+        if self.metric not in metrics:
+            raise ConfigError(f"train.metric_for_best_model: '{self.metric}' is not an evaluation metric of this "
+                              f"stage; use one of {', '.join(sorted(metrics))}")
+        value = metrics[self.metric]
+        self.bad_evals = 0 if self.better(value, self.value) else self.bad_evals + 1
+        self.value = value if self.better(value, self.value) else self.value
+        stop = self.patience is not None and self.bad_evals >= self.patience
+        if (kept or stop) and self.better(value, self.step_value):  # when stopping, this step's weights are final
+            self.step, self.step_value = step, value
+        return stop
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps so a resumed run continues the count."""
+        return {"metric": self.metric, "greater": self.greater, "value": self.value, "bad_evals": self.bad_evals,
+                "step": self.step, "step_value": self.step_value}
 
 
 def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[dict], train: TrainConfig,
@@ -102,10 +165,13 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
     """
     acc, plan = run.accelerator, run.plan
     lengths = [stage.row_length(r) for r in train_rows]
-    optimizer = build_optimizer(model, train)
+    # Taken before the optimizer is built: BAdam then marks only its active block trainable, but clipping and
+    # checkpoints cover every parameter the method trains.
+    params = [p for p in model.parameters() if p.requires_grad]
+    trained_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = build_optimizer(model, train, run.lora, acc.num_processes)
     scheduler = build_scheduler(optimizer, train, plan.total_steps)
     module, optimizer = acc.prepare(LossModule(model, stage), optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
     resume = resolve_resume(train.resume_from_checkpoint, run.run_dir)
     state = load_checkpoint(resume, model, optimizer, scheduler, stage) if resume else TrainState()
     main = acc.is_main_process
@@ -114,13 +180,14 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
     progress = Progress(plan.total_steps, state.step, main)
     if resume:
         progress.write(f"resumed from {resume} at step {state.step}")
-    eval_every = train.eval_steps or train.save_steps
+    eval_every = eval_interval(train)
+    best, stop_early = BestModel.from_config(train, state.best), False
     session_start, session_step, session_tokens, elapsed_before = time.time(), state.step, 0, state.elapsed
     padded_tokens = 0  # input tokens including padding, for the benchmark's padding overhead
     window, last_loss, shown = Window(), None, {}
     module.train()
     with stop_on_signals() as stopped:
-        while state.step < plan.total_steps and not stopped():
+        while state.step < plan.total_steps and not stopped() and not stop_early:
             micro = [[train_rows[i] for i in b] for b in
                      step_batches(lengths, plan, state.step, train.seed, run.group_by_length, acc.process_index)]
             micro = [part for rows in micro for part in split_by_tokens(rows, run.forward_tokens, stage.row_length)]
@@ -167,17 +234,30 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
                 if tracker:
                     tracker.log({"step": state.step, "epoch": round(epoch_of(state.step, plan), 4), **metrics})
                 progress.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                if best:
+                    kept = bool(train.save_steps) and state.step % train.save_steps == 0
+                    stop_early = best.update(state.step, metrics, kept or state.step == plan.total_steps)
+                    state.best = best.state()
             if train.save_steps and state.step % train.save_steps == 0 and state.step < plan.total_steps:
-                _save(run, model, optimizer, scheduler, state, stage, train.save_total_limit)
-        interrupted = state.step < plan.total_steps
+                _save(run, model, optimizer, scheduler, state, stage, train.save_total_limit, trained_names)
+        interrupted = state.step < plan.total_steps and not stop_early
+        if stop_early:
+            progress.write(f"early stopping at step {state.step}: {best.metric} has not improved for "
+                           f"{best.bad_evals} evaluations (best {best.value:.4g})")
         if interrupted:
-            _save(run, model, optimizer, scheduler, state, stage, train.save_total_limit)
+            _save(run, model, optimizer, scheduler, state, stage, train.save_total_limit, trained_names)
             progress.write(f"interrupted: checkpoint saved at step {state.step}; rerun with "
                            "train.resume_from_checkpoint=auto to continue")
     progress.close()
     if tracker:
         tracker.close()
-    return FitResult(state, interrupted, last_loss)
+    weights_step = state.step
+    if best and train.load_best_model_at_end and not interrupted and best.step not in (None, state.step):
+        load_weights(checkpoint_dir(run.run_dir, best.step), model)  # the final weights become the best ones
+        weights_step = best.step
+        progress.write(f"loaded the best weights: step {best.step} ({best.metric} {best.step_value:.4g})")
+    reason = "interrupted" if interrupted else "early_stopping" if stop_early else "completed"
+    return FitResult(state, interrupted, last_loss, reason, weights_step)
 
 
 def evaluate(module: nn.Module, stage: Stage, rows: list[dict], batch_size: int, acc: Any,
@@ -202,12 +282,13 @@ def evaluate(module: nn.Module, stage: Stage, rows: list[dict], batch_size: int,
 
 
 def _save(run: RunContext, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState, stage: Stage,
-          keep: int | None) -> None:
+          keep: int | None, names: set[str] | None = None) -> None:
     acc = run.accelerator
     if acc.is_main_process:
         save_checkpoint(checkpoint_dir(run.run_dir, state.step), model, optimizer, scheduler, state,
-                        run.save_weights, stage.state_dict())
-        prune_checkpoints(run.run_dir, keep)
+                        run.save_weights, stage.state_dict(), names)
+        best_step = state.best.get("step")
+        prune_checkpoints(run.run_dir, keep, checkpoint_dir(run.run_dir, best_step) if best_step else None)
     acc.wait_for_everyone()
 
 
@@ -218,10 +299,16 @@ def _sum(acc: Any, value: float | Tensor) -> Tensor:
 
 
 def _clip(acc: Any, params: list[nn.Parameter], max_norm: float) -> float:
-    if max_norm > 0:
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_norm > 0 and not any(g.is_sparse for g in grads):
         return float(acc.clip_grad_norm_(params, max_norm))
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+    # Also the path for sparse gradients (BAdam's ratio mode, never under fp16 loss scaling), which torch's
+    # clip_grad_norm_ cannot take.
+    norm = torch.stack([g.detach().float().norm() for g in grads]).norm() if grads else torch.tensor(0.0)
+    if max_norm > 0:
+        for g in grads:
+            g.detach().mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(g.dtype))
+    return float(norm)
 
 
 @contextlib.contextmanager

@@ -128,3 +128,87 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk:
     """Sum over rows of CE(hidden @ weight.T, targets) (fp32 scalar); the head's gradient computed in forward."""
     values, _ = token_logps(hidden, weight, targets, uniform_grad=True, chunk=chunk)
     return -values.sum()
+
+
+def topk_entropy(hidden: Tensor, weight: Tensor, k: int = 20, chunk: int = CHUNK_TOKENS) -> Tensor:
+    """Entropy of the softmax over each row's k largest logits of hidden @ weight.T, [n] fp32, no gradient
+    (EAFT's per-token weight: a cheap estimate of how unsure the model is at that position)."""
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        w = weight.to(dtype)
+        for start in range(0, hidden.shape[0], chunk):
+            out[start:start + chunk] = logits_topk_entropy((hidden[start:start + chunk].to(dtype) @ w.T).float(), k)
+    return out
+
+
+def logits_topk_entropy(logits: Tensor, k: int = 20) -> Tensor:
+    """topk_entropy from logits [n, v] that already exist, [n] fp32, no gradient."""
+    with torch.no_grad():
+        top = logits.detach().float().topk(min(k, logits.shape[-1]), dim=-1).values  # [n, k]
+        logp = top.log_softmax(-1)
+        return -(logp.exp() * logp).sum(-1)
+
+
+class _LinearTokenKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor,
+                compute_dtype: torch.dtype, chunk: int) -> Tensor:
+        # KL(q_ref || p) per row, fp32 [n]; d KL / d logits = softmax(p) - q, so d KL / d hidden is found here.
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, rw = weight.to(compute_dtype), ref_weight.to(compute_dtype)
+            kl = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start:start + chunk].to(compute_dtype)
+                grad_logits, kl[start:start + chunk] = _chunk_kl_grad(h, w, ref_hidden[start:start + chunk], rw)
+                if grad_hidden is not None:
+                    grad_hidden[start:start + chunk] = (grad_logits @ w).to(hidden.dtype)
+        keep = ctx.needs_input_grad[1]  # the head trains: backward recomputes each chunk once for its gradient
+        ctx.save_for_backward(grad_hidden, hidden if keep else None, weight if keep else None,
+                              ref_hidden if keep else None, ref_weight if keep else None)
+        ctx.compute_dtype, ctx.chunk = compute_dtype, chunk
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad_hidden, hidden, weight, ref_hidden, ref_weight = ctx.saved_tensors
+        g = grad_output.float()  # [n]
+        gh = grad_hidden * g[:, None].to(grad_hidden.dtype) if grad_hidden is not None else None
+        gw = None
+        if weight is not None:
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            w, rw = weight.to(ctx.compute_dtype), ref_weight.to(ctx.compute_dtype)
+            with torch.autocast(hidden.device.type, enabled=False):
+                for start in range(0, hidden.shape[0], ctx.chunk):
+                    h = hidden[start:start + ctx.chunk].to(ctx.compute_dtype)
+                    grad_logits, _ = _chunk_kl_grad(h, w, ref_hidden[start:start + ctx.chunk], rw)
+                    gw += ((grad_logits * g[start:start + ctx.chunk, None].to(grad_logits.dtype)).T @ h).float()
+            gw = gw.to(weight.dtype)
+        return gh, gw, None, None, None, None
+
+
+def _chunk_kl_grad(h: Tensor, w: Tensor, ref_h: Tensor, ref_w: Tensor) -> tuple[Tensor, Tensor]:
+    """d KL(q || p) / d logits (= softmax(p) - q) in the compute dtype, and the KL per row in fp32."""
+    logp = (h @ w.T).float().log_softmax(-1)  # [c, v]
+    logq = (ref_h.to(ref_w.dtype) @ ref_w.T).float().log_softmax(-1)
+    q = logq.exp()
+    kl = (q * (logq - logp)).sum(-1)
+    return (logp.exp_() - q).to(h.dtype), kl
+
+
+def token_kl(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor,
+             chunk: int = CHUNK_TOKENS) -> Tensor:
+    """KL(reference || policy) of the full next-token distributions per row, [n] fp32, with gradients to the
+    policy's hidden states and head only; the reference's hidden [n, h] and head [v, h] carry none."""
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearTokenKL.apply(hidden, weight, ref_hidden, ref_weight, dtype, chunk)
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        w, rw = weight.to(dtype), ref_weight.to(dtype)
+        parts = [_chunk_kl_grad(hidden[s:s + chunk].to(dtype), w, ref_hidden[s:s + chunk], rw)[1]
+                 for s in range(0, hidden.shape[0], chunk)]
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)

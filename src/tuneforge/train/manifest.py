@@ -53,3 +53,10 @@ def write_manifest(path: Path, config: dict[str, Any], data: dict[str, Any], tem
     manifest = {"config": config, "versions": versions(), "git_sha": git_sha(Path.cwd()), "data": data,
                 "template": template, "seed": seed, "hardware": hardware(world_size)}
     write_text_atomic(path, json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def update_manifest(path: Path, fields: dict[str, Any]) -> None:
+    """Add what is known only after training (how it ended, the best step) to an existing manifest."""
+    manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    manifest.update(fields)
+    write_text_atomic(path, json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n")

@@ -38,6 +38,7 @@ class Plan:
     stage: str = ""
     reference_gb: float = 0.0
     estimated_seconds: float | None = None
+    optimizer: str = ""
 
 
 def make_plan(rows: list[dict], report: EncodeReport, batches: BatchPlan, model: nn.Module,
@@ -93,6 +94,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         ("parameters", f"{plan.trainable_params:,} trainable of {plan.total_params:,} "
                        f"({100 * plan.trainable_params / max(plan.total_params, 1):.2f}%)"),
         ("stage", plan.stage),
+        *([("optimizer", plan.optimizer)] if plan.optimizer else []),
         ("precision", plan.precision),
         ("peak memory", f"~{plan.peak_memory_gb:.1f} GB per process (estimate"
                         + (f", {plan.reference_gb:.1f} GB of it the reference model)" if plan.reference_gb else ")")),
