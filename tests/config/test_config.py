@@ -127,3 +127,28 @@ def test_every_field_is_documented():
 def test_preference_settings_that_cannot_work_are_one_message(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(None, overrides)
+
+
+@pytest.mark.parametrize("flags, words", [
+    ({"stage": "pt", "neat_packing": True}, "data.neat_packing is for the sft stage; stage pt"),
+    ({"stage": "pt", "mask_history": True}, "data.mask_history is for the sft stage"),
+    ({"stage": "dpo", "packing": True}, "data.packing is for the sft stage; stage dpo"),
+    ({"pissa_init": True, "pissa_convert": True, "use_dora": True}, "pissa_convert rewrites A and B only"),
+])
+def test_llamafactory_cross_key_rules(flags, words):
+    with pytest.raises(ConfigError, match=words):
+        load(None, [], flags)
+
+
+def test_pt_packs_and_eval_strategy_no_means_no_evaluation_during_training():
+    from tuneforge.config.rules import eval_interval
+
+    assert load(None, [], {"stage": "pt", "packing": True}).data.packing is True
+    assert eval_interval(load(None, [], {"val_size": 0.1, "save_steps": 50}).train) == 50
+    assert eval_interval(load(None, [], {"val_size": 0.1, "save_steps": 50, "eval_strategy": "no"}).train) == 0
+    assert eval_interval(load(None, [], {"eval_strategy": "steps", "eval_steps": 7}).train) == 7
+
+
+def test_an_override_cannot_use_the_mapping_suffixes():
+    with pytest.raises(ConfigError, match="cannot end with"):
+        load(None, ["train.enabled?=false"])

@@ -118,3 +118,23 @@ def test_streaming_is_refused_with_what_to_use_instead():
     assert load(None, ["streaming=false", "buffer_size=100"]).data.tokenized_path is None
     with pytest.raises(ConfigError, match="streaming.*use tokenized_path"):
         load(None, ["streaming=true"])
+
+
+def test_an_eval_only_config_with_just_a_tokenized_path_measures_its_validation_rows(
+        tmp_path, tiny_model_dir, dataset_dir):
+    write_data(dataset_dir)
+    tokenized = tmp_path / "tok"
+    prepare_cfg = tmp_path / "tokenize.yaml"
+    prepare_cfg.write_text(yaml.safe_dump({
+        "model_name_or_path": str(tiny_model_dir), "dataset_dir": str(dataset_dir), "dataset": "qa",
+        "template": "chatml", "cutoff_len": 64, "val_size": 3, "tokenized_path": str(tokenized)}))
+    assert main(["data", "tokenize", str(prepare_cfg)]) == 0
+    shutil.rmtree(dataset_dir)  # LF users evaluate a tokenized_path without the data files
+    eval_cfg = tmp_path / "eval.yaml"
+    out = tmp_path / "out"
+    eval_cfg.write_text(yaml.safe_dump({
+        "model_name_or_path": str(tiny_model_dir), "template": "chatml", "cutoff_len": 64,
+        "tokenized_path": str(tokenized), "do_eval": True, "output_dir": str(out)}))
+    assert main(["train", str(eval_cfg)]) == 0
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["model"]["loss"]["rows"] == 3  # the saved validation split, not the 9 training rows

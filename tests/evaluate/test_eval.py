@@ -39,12 +39,19 @@ def test_predictions_resume_after_a_crash(tmp_path, tiny_model_dir, tiny_run, mo
     crashed = tmp_path / "crashed.jsonl"
     lines = clean.read_text(encoding="utf-8").splitlines()
     crashed.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10], encoding="utf-8")  # 3 rows + half a row
+    (tmp_path / "crashed.jsonl.key").write_text((tmp_path / "clean.jsonl.key").read_text())  # same run's key
     calls = []
     original = engine.generate_batch
     monkeypatch.setattr(engine, "generate_batch", lambda convs, *a: calls.append(len(convs)) or original(convs, *a))
     summary = predict_mode(engine, True, cfg, crashed)
     assert sum(calls) == 3  # only the missing rows were generated again
     assert read_predictions(crashed) == read_predictions(clean) and summary["rows"] == 6
+    calls.clear()
+    other = load(None, [f"model.path={tiny_model_dir}", f"model.adapter_path={tiny_run}",
+                        "data.eval_dataset=identity", "data.max_samples=6", "generation.max_new_tokens=2",
+                        "eval.batch_size=2"])
+    assert predict_mode(engine, True, other, crashed)["rows"] == 6
+    assert sum(calls) == 6  # other settings: the earlier answers are not reused
 
 
 def test_choice_scoring_matches_hand_computed_likelihoods(tiny_model_dir, tiny_run):

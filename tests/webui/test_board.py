@@ -130,6 +130,8 @@ def test_method_panels_map_to_their_sections(workspace):
     assert freeze["finetune"] == {"method": "freeze", "freeze": {"trainable_layers": -1,
                                                                  "trainable_modules": ["mlp"]}}
     assert "quantization_bit" not in freeze["model"]
+    oft = config_tree(tiny_values(workspace, method="oft"), workspace)
+    assert oft["finetune"] == {"method": "oft"} and "quantization_bit" not in oft["model"]
     full = build_config(tiny_values(workspace, method="full", packing="true", resume=True), workspace)
     assert full.finetune.method == "full" and full.data.packing is True
     assert full.train.resume_from_checkpoint == "auto"

@@ -67,6 +67,9 @@ def check_finetune(finetune: FinetuneConfig) -> None:
     if finetune.method == "freeze" and finetune.freeze.trainable_layers == 0:
         raise ConfigError("finetune.freeze.trainable_layers is 0, so nothing would train; "
                           "use a positive count (last layers) or a negative one (first layers)")
+    if finetune.lora.pissa_convert and finetune.lora.dora:
+        raise ConfigError("finetune.lora.pissa_convert rewrites A and B only, so a DoRA adapter's magnitudes would "
+                          "not match; remove pissa_convert or dora")
     if finetune.lora.pissa_iter < -1:
         raise ConfigError(f"finetune.lora.pissa_iter must be -1 (full SVD) or >= 0, got {finetune.lora.pissa_iter}")
     oft = finetune.oft

@@ -85,11 +85,16 @@ def check_record(folder: Path, record: dict[str, Any], kind: str, expected: dict
         raise DataError(f"data.tokenized_path {folder} was tokenized with another tokenizer (model "
                         f"{record.get('model')}); its token ids would be wrong for this model. Point tokenized_path "
                         "at a new folder to tokenize again")
+    if record["template"] != expected["template"] and record["template_name"] == expected["template_name"]:
+        raise DataError(f"data.tokenized_path {folder} was rendered by template '{record['template_name']}' with "
+                        "other settings (default system, thinking, tool format; Llama 3's tool prompt also holds "
+                        "the date); point tokenized_path at a new folder to tokenize again")
     if record["template"] != expected["template"]:
         raise DataError(f"data.tokenized_path {folder} was rendered with template '{record['template_name']}', "
                         f"this run uses '{expected['template_name']}'; set data.template={record['template_name']} "
                         "or point tokenized_path at a new folder")
-    for key in ("cutoff_len", "packing"):
+    # pre-training text is packed before saving; sft rows are packed after loading, so only the cutoff matters
+    for key in ("cutoff_len", "packing") if kind == "text" else ("cutoff_len",):
         if record[key] != expected[key]:
             log.warning("data.tokenized_path %s was made with %s=%s (this config: %s); the saved rows are used "
                         "as they are", folder, key, record[key], expected[key])

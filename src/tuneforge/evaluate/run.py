@@ -22,6 +22,7 @@ from tuneforge.config.rules import PREFERENCE_STAGES
 from tuneforge.config.schema import DataConfig, RunConfig
 from tuneforge.data.build import build_datasets
 from tuneforge.data.pipeline import load_examples, mix, split_validation
+from tuneforge.data.tokenized import has_tokenized
 from tuneforge.data.types import Conversation, KTOExample, PreferencePair
 from tuneforge.errors import DataError
 from tuneforge.evaluate import choice as mc
@@ -122,6 +123,12 @@ def uses_validation_split(cfg: RunConfig) -> bool:
     return not cfg.data.eval_dataset and cfg.data.val_size > 0
 
 
+def uses_saved_rows(cfg: RunConfig) -> bool:
+    """No eval_dataset but data.tokenized_path holds rows: the loss is measured on them (on their validation split
+    when they were saved with one), as LLaMA-Factory evaluates a tokenized_path."""
+    return bool(cfg.data.tokenized_path) and not cfg.data.eval_dataset and has_tokenized(cfg.data.tokenized_path)
+
+
 def eval_dataset_names(cfg: RunConfig) -> list[str]:
     """eval_dataset when given, else the training datasets."""
     names = cfg.data.eval_dataset or cfg.data.dataset
@@ -133,6 +140,8 @@ def eval_dataset_names(cfg: RunConfig) -> list[str]:
 def eval_data(cfg: RunConfig) -> DataConfig:
     """The data section evaluation encodes: the evaluation datasets as one unsplit, unpacked set (or, with only
     val_size, the training datasets split as training splits them; the caller takes the validation part)."""
+    if uses_saved_rows(cfg):
+        return replace(cfg.data, packing=False, neat_packing=False)
     if uses_validation_split(cfg):
         return replace(cfg.data, packing=False, neat_packing=False, tokenized_path=None)
     return replace(cfg.data, dataset=eval_dataset_names(cfg), eval_dataset=[], val_size=0.0, packing=False,
@@ -151,7 +160,8 @@ def loss_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig) -> dict[str, fl
     stage = build_stage(cfg, engine.tokenizer.pad_token_id)
     data = build_datasets(data_cfg, stage.data_kind, engine.template, cfg.train.seed)
     rows, val_rows = training_rows(data, replace(cfg, data=data_cfg), stage)
-    rows = val_rows if uses_validation_split(cfg) else rows
+    if uses_validation_split(cfg) or (uses_saved_rows(cfg) and val_rows):
+        rows = val_rows
     results: dict[str, float] = {}
     model = pairs.stage_model(stage, engine, adapter, cfg)
     if model is not None:
@@ -195,8 +205,14 @@ def prediction_examples(cfg: RunConfig) -> list[Conversation]:
 
 
 def predict_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig, path: Path) -> dict[str, Any]:
-    """Generate for every row, appending to predictions.jsonl as it goes (a rerun continues), then score."""
+    """Generate for every row, appending to predictions.jsonl as it goes (a rerun of the same model, adapters,
+    data and settings continues; any other run starts the file over), then score."""
     examples = prediction_examples(cfg)
+    key = path.with_name(path.name + ".key")
+    fingerprint = prediction_fingerprint(cfg, adapter)
+    if not key.is_file() or key.read_text(encoding="utf-8") != fingerprint:
+        path.unlink(missing_ok=True)
+        write_text_atomic(key, fingerprint)
     done = read_predictions(path)
     todo = examples[len(done):]
     batch = cfg.eval.batch_size
@@ -219,6 +235,20 @@ def predict_mode(engine: ChatEngine, adapter: bool, cfg: RunConfig, path: Path) 
                 handle.flush()
                 bar.update(1)
     return summarize_predictions(read_predictions(path), path)
+
+
+def prediction_fingerprint(cfg: RunConfig, adapter: bool) -> str:
+    """What a predictions file depends on: model, adapters (and their weights' size and time), data, template,
+    generation settings."""
+    weights = []
+    for folder in cfg.model.adapter_path if adapter else []:
+        for file in sorted(Path(folder).glob("*.safetensors")):
+            weights.append([str(file), file.stat().st_size, file.stat().st_mtime_ns])
+    data = cfg.data
+    return json.dumps({"model": cfg.model.path, "adapters": weights, "stage": cfg.stage,
+                       "data": [data.eval_dataset or data.dataset, data.val_size, data.max_samples, data.template,
+                                data.default_system, data.cutoff_len, data.dataset_dir, cfg.train.seed],
+                       "generation": repr(cfg.generation)}, sort_keys=True)
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:

@@ -75,14 +75,14 @@ def expand_model(model_path: str, output_dir: str | Path, num_expand: int, trust
     from tuneforge.models.hub import resolve_model_dir
     from tuneforge.models.load import load_model, load_tokenizer
 
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--output_dir {out} is not empty; choose a new folder")
     cfg = ModelConfig(path=model_path, trust_remote_code=trust_remote_code)
     saved_dtype = AutoConfig.from_pretrained(resolve_model_dir(cfg), trust_remote_code=trust_remote_code).dtype
     model = load_model(cfg, dtype=saved_dtype if isinstance(saved_dtype, torch.dtype) else torch.float32)
     tokenizer = load_tokenizer(cfg)
     expand_layers(model, num_expand)
-    out = Path(output_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--output_dir {out} is not empty; choose a new folder")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

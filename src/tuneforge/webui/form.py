@@ -14,7 +14,7 @@ from tuneforge.config import RunConfig, load, load_tree
 from tuneforge.config.load import apply_override
 from tuneforge.webui.workspace import Workspace
 
-METHODS = ("lora", "qlora-4bit", "qlora-8bit", "freeze", "full")
+METHODS = ("lora", "qlora-4bit", "qlora-8bit", "oft", "freeze", "full")
 TOP_KEYS = ["model", "hub", "method", "adapters", "template"]  # the top bar's fields, used by every tab
 PACKING = {"auto": None, "true": True, "false": False}  # auto: on for pt, off for sft
 

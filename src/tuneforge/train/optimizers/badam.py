@@ -105,10 +105,12 @@ class ResumableBlockOptimizer(BlockOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Activate the saved block, then restore its optimizer state, position and learning rates."""
-        if "base" not in state_dict:  # accelerate's round trip at prepare() passes the base state
+        if "base" not in state_dict:  # a plain optimizer state (not one of ours)
             self.base_optimizer.load_state_dict(state_dict)
             return
         self.current_block_idx = state_dict["active_block"]
+        # the master copies are rebuilt from the model's weights, which are exact: tuneforge trains BAdam's
+        # weights in fp32 (run.load_for_training upcasts trainable weights), so nothing rounded is lost
         self.switch_trainable_params()
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.current_block_idx, self.global_step = state_dict["next_block"], state_dict["global_step"]
