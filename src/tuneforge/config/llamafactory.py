@@ -353,7 +353,7 @@ MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "save_only_model": _save_only_model,
     "logging_dir": _to("output.logging_dir"),
     # preference stages (LF's RLHFArguments); pref_beta and pref_ftx serve dpo and kto alike
-    "pref_beta": _to_all("dpo.beta", "kto.beta"),
+    "pref_beta": _to_all("dpo.beta", "kto.beta", "grpo.beta"),
     "pref_ftx": _to_all("dpo.ftx", "kto.ftx"),
     "pref_loss": _to("dpo.loss"),
     "dpo_label_smoothing": _to("dpo.label_smoothing"),
@@ -366,6 +366,17 @@ MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "ref_model_adapters": _to("reference.adapters"),
     "ref_model_quantization_bit": _to("reference.quantization_bit"),
     "precompute_ref_log_probs": _to("reference.precompute"),  # TRL's key; LF has none
+    # stage grpo (not in LF): TRL's GRPOConfig names, grpo_ prefixed where a bare name would be ambiguous
+    "num_generations": _to("grpo.num_generations"),
+    "grpo_loss": _to("grpo.loss_type"),
+    "grpo_epsilon": _to("grpo.epsilon"),
+    "grpo_epsilon_high": _to("grpo.epsilon_high"),
+    "scale_rewards": _to("grpo.scale_rewards"),
+    "num_iterations": _to("grpo.num_iterations"),
+    "max_completion_length": _to("grpo.max_completion_length"),
+    "mask_truncated_completions": _to("grpo.mask_truncated_completions"),
+    "reward_funcs": _to("grpo.reward_funcs"),
+    "reward_weights": _to("grpo.reward_weights"),
 }
 
 # Keys accepted with no effect, each with the reason (printed, so nothing is silently ignored).

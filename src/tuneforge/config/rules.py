@@ -6,6 +6,7 @@ from tuneforge.config.schema import (
     DataConfig,
     DPOConfig,
     FinetuneConfig,
+    GRPOConfig,
     KTOConfig,
     ModelConfig,
     ReferenceConfig,
@@ -31,10 +32,12 @@ def validate(cfg: RunConfig, source: str) -> None:
         check_optimizer(cfg.train, cfg.finetune)
         check_best_model(cfg.train, cfg.data)
         check_stage_data(cfg.stage, cfg.data)
-        check_dpo(cfg.dpo)
-        check_kto(cfg.kto)
+        if cfg.stage != "grpo":  # pref_beta also sets grpo.beta, whose 0 (no KL) is no valid dpo/kto beta
+            check_dpo(cfg.dpo)
+            check_kto(cfg.kto)
+        check_grpo(cfg.grpo, cfg.stage, cfg.data)
         check_sft(cfg.sft, cfg.stage)
-        check_reference(cfg.reference, cfg.stage, cfg.dpo, cfg.finetune, cfg.sft)
+        check_reference(cfg.reference, cfg.stage, cfg.dpo, cfg.finetune, cfg.sft, cfg.grpo)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 
@@ -200,7 +203,8 @@ def check_stage_data(stage: str, data: DataConfig) -> None:
     """Packing exists for pt and sft; neat packing and prompt-side masking for sft only (as in LLaMA-Factory)."""
     if stage == "sft":
         return
-    keys = ("neat_packing", "train_on_prompt", "mask_history") + (("packing",) if stage in PREFERENCE_STAGES else ())
+    keys = ("neat_packing", "train_on_prompt", "mask_history") + \
+        (("packing",) if stage in (*PREFERENCE_STAGES, "grpo") else ())
     for key in keys:
         if getattr(data, key):
             what = "trains on whole texts" if stage == "pt" else "trains on whole answers"
@@ -233,6 +237,30 @@ def check_kto(kto: KTOConfig) -> None:
         raise ConfigError(f"kto.ftx must be >= 0, got {kto.ftx}")
 
 
+def check_grpo(grpo: GRPOConfig, stage: str, data: DataConfig) -> None:
+    """Groups of at least two, usable clipping and KL, at least one reward function with at most one weight each."""
+    if stage == "grpo" and not grpo.reward_funcs:
+        raise ConfigError("stage grpo needs at least one reward function: set grpo.reward_funcs (reward_funcs), "
+                          "e.g. ['rewards.py:my_reward'] or a built-in name")
+    if stage == "grpo" and (data.val_size or data.eval_dataset):
+        raise ConfigError("stage grpo has no validation yet (data.val_size / data.eval_dataset); remove them and "
+                          "follow the reward metrics of training")
+    if grpo.num_generations < 2:
+        raise ConfigError(f"grpo.num_generations (num_generations) must be >= 2 (advantages compare completions of "
+                          f"one prompt), got {grpo.num_generations}")
+    if grpo.epsilon <= 0 or (grpo.epsilon_high is not None and grpo.epsilon_high <= 0):
+        raise ConfigError("grpo.epsilon and grpo.epsilon_high (grpo_epsilon, grpo_epsilon_high) must be > 0")
+    if grpo.beta < 0:
+        raise ConfigError(f"grpo.beta (pref_beta) must be >= 0 (0: no KL term, no reference model), got {grpo.beta}")
+    if grpo.num_iterations < 1 or grpo.max_completion_length < 1:
+        raise ConfigError("grpo.num_iterations and grpo.max_completion_length must be >= 1")
+    if grpo.reward_weights and len(grpo.reward_weights) != len(grpo.reward_funcs):
+        raise ConfigError(f"grpo.reward_weights (reward_weights) has {len(grpo.reward_weights)} weights for "
+                          f"{len(grpo.reward_funcs)} reward functions; give one weight per function or none")
+    if grpo.completions_logged < 0 or (grpo.completions_log_steps is not None and grpo.completions_log_steps < 1):
+        raise ConfigError("grpo.completions_logged must be >= 0 and grpo.completions_log_steps >= 1")
+
+
 def check_sft(sft: SFTConfig, stage: str) -> None:
     """The reweighted token losses belong to the sft stage (as in LLaMA-Factory); alphas must be usable."""
     if sft.loss != "ce" and stage != "sft":
@@ -241,14 +269,15 @@ def check_sft(sft: SFTConfig, stage: str) -> None:
         raise ConfigError("sft.eaft_alpha and sft.asft_alpha must be >= 0")
 
 
-def uses_reference(stage: str, dpo: DPOConfig, sft: SFTConfig | None = None) -> bool:
-    """dpo (except orpo and simpo), kto and sft's asft loss compare the policy with a reference model."""
+def uses_reference(stage: str, dpo: DPOConfig, sft: SFTConfig | None = None, grpo: GRPOConfig | None = None) -> bool:
+    """dpo (except orpo and simpo), kto, sft's asft loss and grpo with a KL term compare the policy with a reference."""
     return stage == "kto" or (stage == "dpo" and dpo.loss not in NO_REFERENCE_LOSSES) or \
-        (stage == "sft" and sft is not None and sft.loss == "asft")
+        (stage == "sft" and sft is not None and sft.loss == "asft") or \
+        (stage == "grpo" and grpo is not None and grpo.beta > 0)
 
 
 def check_reference(ref: ReferenceConfig, stage: str, dpo: DPOConfig, finetune: FinetuneConfig,
-                    sft: SFTConfig | None = None) -> None:
+                    sft: SFTConfig | None = None, grpo: GRPOConfig | None = None) -> None:
     """Reference settings must be used and loadable; PiSSA moves the base, so the adapter-off reference breaks."""
     if ref.quantization_bit not in (None, 4, 8):
         raise ConfigError(f"reference.quantization_bit: {ref.quantization_bit} is not supported; use 4 or 8")
@@ -258,7 +287,7 @@ def check_reference(ref: ReferenceConfig, stage: str, dpo: DPOConfig, finetune: 
     if ref.precompute and stage != "dpo":
         raise ConfigError(f"reference.precompute (precompute_ref_log_probs) is available for stage dpo; stage {stage} "
                           "estimates KL from pairs built during training, so it keeps the live reference")
-    if not uses_reference(stage, dpo, sft):
+    if not uses_reference(stage, dpo, sft, grpo):
         if ref.model or ref.precompute:
             what = f"dpo.loss={dpo.loss}" if stage == "dpo" else f"stage {stage}"
             raise ConfigError(f"{what} uses no reference model; remove the reference settings")

@@ -461,6 +461,36 @@ class RMConfig:
 
 
 @dataclass
+class GRPOConfig:
+    num_generations: int = 8
+    """Completions sampled per prompt (G, a group); at least 2."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    """Loss normalisation (TRL's loss_type): dapo (TRL's default) averages over all completion tokens of a step."""
+    epsilon: float = 0.2
+    """Lower clipping range of the importance ratio."""
+    epsilon_high: float | None = None
+    """Upper clipping range; default: epsilon (DAPO suggests 0.28)."""
+    beta: float = 0.0
+    """KL coefficient (k3 estimator) against the reference; 0 loads no reference model (TRL's default)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group's reward std (group), the step's (batch), or not at all (none, Dr. GRPO)."""
+    num_iterations: int = 1
+    """Optimizer steps on each rollout (mu); above 1 the clipped ratio takes effect."""
+    max_completion_length: int = 256
+    """Most tokens generated per completion."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit max_completion_length out of the loss (they still count for advantages)."""
+    reward_funcs: list[str | dict[str, Any]] = field(default_factory=list)
+    """Reward functions: 'file.py:function', 'module:function' (TRL's signature), built-ins, or {func: ..., ...}."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per reward function; default: 1 each."""
+    completions_log_steps: int | None = None
+    """Write sampled completions to completions.jsonl every this many steps; default: train.logging_steps."""
+    completions_logged: int = 4
+    """Completions written per logged step (0: none)."""
+
+
+@dataclass
 class RunConfig:
     stage: Stage = "sft"
     """Training stage: pt, sft, rm, dpo, kto, ppo or grpo."""
@@ -490,3 +520,5 @@ class RunConfig:
     """KTO stage settings."""
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     """The reference model of dpo, kto and sft's asft loss."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """GRPO stage settings (online RL with reward functions)."""

@@ -8,7 +8,15 @@ from typing import Any
 
 from tuneforge.data.catalog import DatasetSpec, Tags
 from tuneforge.data.readers import RawRow
-from tuneforge.data.types import Conversation, Example, KTOExample, Message, PreferencePair, Text
+from tuneforge.data.types import (
+    Conversation,
+    Example,
+    KTOExample,
+    Message,
+    PreferencePair,
+    PromptExample,
+    Text,
+)
 from tuneforge.errors import DataError
 from tuneforge.registry import Registry
 
@@ -29,6 +37,47 @@ def as_text(example: Example) -> Text:
     messages = example.prompt + [example.chosen] if isinstance(example, PreferencePair) else example.messages
     text = "\n".join(m.content for m in messages if m.content)
     return Text(text=text, origin=example.origin)
+
+
+def to_prompt(row: RawRow, spec: DatasetSpec) -> PromptExample:
+    """A generation prompt (stage grpo): every turn up to the last user turn, with system and tools; the final
+    answer (response, chosen, or a trailing assistant turn) becomes the `answer` column, and every column the
+    format does not use is kept under its own name (a dataset's own `answer` column wins)."""
+    cols = spec.columns
+    if spec.formatting == "alpaca":
+        prompt = _text_field(row, cols.prompt, required=True)
+        query = _text_field(row, cols.query)
+        content = f"{prompt}\n{query}" if prompt and query else prompt or query
+        messages = _history(row, cols.history) + [Message("user", content)]
+        system = _blank_to_none(_text_field(row, cols.system)) if cols.system else None
+        answer_column = cols.chosen if spec.ranking else cols.response
+        value = row.data.get(answer_column or "")
+        answer = value[0] if isinstance(value, list) and value and isinstance(value[0], str) else value
+        used = (cols.prompt, cols.query, cols.response, cols.history, cols.system, cols.tools, cols.chosen,
+                cols.rejected, cols.kto_tag)
+    else:
+        raw = row.data.get(cols.messages)
+        if not isinstance(raw, list) or not raw:
+            raise DataError(f"{row.origin}: field '{cols.messages}' must be a non-empty list of messages, got "
+                            f"{_short(raw)}; set columns.messages in dataset_info.json if the column has another "
+                            "name")
+        system = _blank_to_none(_text_field(row, cols.system)) if cols.system else None
+        messages, inline_system = _tagged_messages(row, raw, spec.tags, cols.messages)
+        system = system or inline_system
+        answer = None
+        if messages and messages[-1].role in ("assistant", "function"):
+            answer, messages = messages[-1].content, messages[:-1]
+        elif spec.ranking:
+            answer = _single_message(row, cols.chosen, spec.tags).content
+        _check_order(row, messages, spec.tags, cols.messages, ends_with_prompt=True)
+        used = (cols.messages, cols.system, cols.tools, cols.chosen, cols.rejected, cols.kto_tag)
+    if not messages[-1].content.strip():
+        raise DataError(f"{row.origin}: the last prompt turn is empty; a generation prompt needs text to answer")
+    columns = {k: v for k, v in row.data.items() if k not in used}
+    if isinstance(answer, str):
+        columns.setdefault("answer", answer)
+    return PromptExample(messages, answer if isinstance(answer, str) else None, columns, system,
+                         _tools(row, cols.tools), row.origin)
 
 
 @FORMATS.register("alpaca")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from tuneforge.data.encode import (
     encode_text,
     pack_blocks,
 )
-from tuneforge.data.formats import to_example
+from tuneforge.data.formats import to_example, to_prompt
 from tuneforge.data.readers import RawRow, read_rows
 from tuneforge.data.types import (
     Conversation,
@@ -25,6 +26,7 @@ from tuneforge.data.types import (
     Example,
     KTOExample,
     PreferencePair,
+    PromptExample,
     RowProblem,
     Text,
 )
@@ -32,8 +34,9 @@ from tuneforge.errors import DataError, TemplateError
 from tuneforge.templates.base import Side, Template
 
 # A data kind is what a stage trains on (each stage declares its own; see tuneforge.stages):
-# text (pre-training), sft (conversations), pairwise (preference pairs), kto (labelled answers).
-KINDS = ("text", "sft", "pairwise", "kto")
+# text (pre-training), sft (conversations), pairwise (preference pairs), kto (labelled answers), prompt (generation
+# prompts for online RL, with the answer and extra columns kept for reward functions).
+KINDS = ("text", "sft", "pairwise", "kto", "prompt")
 # Built-in sets whose {{name}} / {{author}} placeholders are filled from data.identity.
 IDENTITY_SETS = ("identity", "identity_pref", "identity_pref_eval")
 CHUNK = 512
@@ -65,6 +68,9 @@ def load_examples(data: DataConfig, name: str, kind: str, seed: int, strict: boo
         if name in IDENTITY_SETS:
             row = RawRow(substitute_identity(row.data, data.identity.name, data.identity.author), row.file, row.row)
         try:
+            if kind == "prompt":
+                loaded.examples.append(to_prompt(row, spec))
+                continue
             example = to_example(row, spec, want_text=kind == "text")
             if kind == "kto" and isinstance(example, PreferencePair):
                 loaded.examples += unpair(example)
@@ -168,6 +174,9 @@ def encode_examples(examples: list[Example], template: Template, opts: EncodeOpt
 
 def _encode_chunk(job: tuple[list[Example], Template, EncodeOptions, str, bool]) -> list[dict[str, Any]]:
     examples, template, opts, kind, packing = job
+    if kind == "prompt":
+        return [dict(encode_prompt_row(e, template, opts.cutoff_len), origin=e.origin)
+                for e in examples]  # type: ignore[arg-type]
     if kind == "text":
         texts = [e.text for e in examples]  # type: ignore[union-attr]
         ids = _batch_tokenize(template, texts)
@@ -183,6 +192,19 @@ def _encode_chunk(job: tuple[list[Example], Template, EncodeOptions, str, bool])
         row = _encode_one(example, side_ids, kind, opts, template.efficient_eos_id)
         out.append(dict(row, origin=example.origin))
     return out
+
+
+def encode_prompt_row(example: PromptExample, template: Template, cutoff_len: int) -> dict[str, Any]:
+    """A prompt row: the generation prompt's ids (encoded as chat encodes prompts), the last prompt turn's text, and
+    the row's other columns as JSON (one Arrow column whatever each dataset holds). A prompt longer than
+    cutoff_len is dropped: cutting it would change the question."""
+    try:
+        ids = template.encode_prompt(example.messages, example.system, example.tools)
+    except TemplateError as err:
+        raise TemplateError(f"{example.origin}: {err}") from None
+    status = "dropped" if len(ids) > cutoff_len else "ok"
+    return {"input_ids": ids, "prompt": example.messages[-1].content, "status": status,
+            "columns": json.dumps(example.columns, ensure_ascii=False, default=str)}
 
 
 def _render(example: Example, template: Template, kind: str) -> list[Side]:
@@ -228,7 +250,7 @@ def _keep_trainable(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], E
             continue
         if row["status"] == "truncated":
             report.truncated.append(row["origin"])
-        labels = row.get("labels", row.get("chosen_labels", []))
+        labels = row.get("labels", row.get("chosen_labels", row.get("input_ids", [])))  # prompt rows: all prompt
         trained = sum(1 for t in labels if t != IGNORE_INDEX)
         if trained == 0:
             report.no_trained_tokens.append(row["origin"])

@@ -22,11 +22,11 @@ from tuneforge.errors import DataError
 log = logging.getLogger(__name__)
 RECORD = "tuneforge_tokenized.json"
 KIND_USERS = {"text": "pre-training (stage pt)", "sft": "stage sft", "pairwise": "stages rm and dpo",
-              "kto": "stage kto"}
+              "kto": "stage kto", "prompt": "stage grpo"}
 # Columns each data kind needs; LLaMA-Factory names the kto label kto_tags.
 KIND_COLUMNS = {"text": ("input_ids", "labels"), "sft": ("input_ids", "labels"),
                 "pairwise": ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"),
-                "kto": ("input_ids", "labels", "kto_label")}
+                "kto": ("input_ids", "labels", "kto_label"), "prompt": ("input_ids", "prompt", "columns")}
 
 
 def has_tokenized(path: str | Path) -> bool:
@@ -122,7 +122,8 @@ def _lf_columns(dataset: Any, kind: str, folder: Path) -> Any:
 
 
 def _count(train: Any, kind: str) -> EncodeReport:
-    ids, labels = ("chosen_input_ids", "chosen_labels") if kind == "pairwise" else ("input_ids", "labels")
+    ids, labels = ("chosen_input_ids", "chosen_labels") if kind == "pairwise" else \
+        ("input_ids", "input_ids") if kind == "prompt" else ("input_ids", "labels")
     return EncodeReport(rows=len(train), total_tokens=sum(len(r) for r in train[ids]),
                         trained_tokens=sum(sum(t != -100 for t in r) for r in train[labels]))
 

@@ -51,6 +51,19 @@ class KTOExample:
 
 
 @dataclass
+class PromptExample:
+    """A generation prompt (online RL): messages ending with a user turn, the dataset's final answer if it has one,
+    and every other column of the row, all of which reach the reward functions."""
+
+    messages: list[Message]
+    answer: str | None = None
+    columns: dict = field(default_factory=dict)
+    system: str | None = None
+    tools: str | None = None
+    origin: str = ""
+
+
+@dataclass
 class Text:
     """Plain text for pre-training."""
 
@@ -58,7 +71,7 @@ class Text:
     origin: str = ""
 
 
-Example = Conversation | PreferencePair | KTOExample | Text
+Example = Conversation | PreferencePair | KTOExample | PromptExample | Text
 
 
 @dataclass

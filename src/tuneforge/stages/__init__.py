@@ -1,7 +1,7 @@
 """Training stages; built-ins register by explicit import below."""
 
 from tuneforge.errors import ConfigError
-from tuneforge.stages import causal_lm, dpo, kto, rm  # noqa: F401  (register pt, sft, dpo, kto, rm)
+from tuneforge.stages import causal_lm, dpo, grpo, kto, rm  # noqa: F401  (register pt, sft, dpo, grpo, kto, rm)
 from tuneforge.stages.base import DataKind, LossOutput, Stage
 from tuneforge.stages.registry import STAGES
 
@@ -14,7 +14,7 @@ def stage_class(name: str) -> type[Stage]:
 
 
 def data_kind(name: str) -> DataKind:
-    """What a stage trains on (text, sft, pairwise, kto): the one source is the stage class."""
+    """What a stage trains on (text, sft, pairwise, kto, prompt): the one source is the stage class."""
     return stage_class(name).data_kind
 
 

@@ -90,8 +90,9 @@ class Stage(ABC):
 
         raise ConfigError(f"reference.precompute is not available for stage {self.name}")
 
-    def prepare_step(self, model: nn.Module, parts: list[list[Row]], acc: Any) -> None:
-        """Called with all of a step's forward passes before any of them (e.g. KTO's KL estimate over the window)."""
+    def prepare_step(self, model: nn.Module, parts: list[list[Row]], acc: Any) -> list[list[Row]] | None:
+        """Called with all of a step's forward passes before any of them (e.g. KTO's KL estimate over the window);
+        online stages return the rows to train on instead (micro-batches, cut into forward passes by the loop)."""
         return None
 
     @abstractmethod

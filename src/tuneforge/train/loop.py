@@ -194,9 +194,12 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
             # Normalise by the stage's units (trained tokens, pairs, rows) of the whole window on every process,
             # so accum 8 x batch 1 gives the gradient of batch 8 x accum 1; DDP's averaging is undone by the
             # world-size factor.
-            global_units = int(_sum(acc, sum(stage.units(rows) for rows in micro)))
             with acc.autocast():
-                stage.prepare_step(model, micro, acc)
+                generated = stage.prepare_step(model, micro, acc)
+            if generated is not None:  # online stages (grpo) train on rows generated for this step
+                micro = [part for rows in generated for part in split_by_tokens(rows, run.forward_tokens,
+                                                                                stage.row_length)]
+            global_units = int(_sum(acc, sum(stage.units(rows) for rows in micro)))
             for i, rows in enumerate(micro):
                 batch = {k: v.to(acc.device) for k, v in stage.collate(rows).items()}
                 sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(module)

@@ -54,9 +54,17 @@ def make_plan(rows: list[dict], report: EncodeReport, batches: BatchPlan, model:
         batch_size=batches.batch_size, accumulation=batches.accumulation, world_size=batches.world_size,
         steps_per_epoch=batches.steps_per_epoch, total_steps=batches.total_steps,
         epochs=batches.total_steps / batches.steps_per_epoch, trainable_params=trainable, total_params=total,
-        peak_memory_gb=(estimate_memory(model, batches.batch_size * max(lengths), precision) + ref_bytes) / 2**30,
+        peak_memory_gb=(estimate_memory(model, forward_tokens(stage, batches.batch_size, max(lengths)), precision)
+                        + ref_bytes) / 2**30,
         precision=precision, stage=stage.describe(), reference_gb=ref_bytes / 2**30,
     )
+
+
+def forward_tokens(stage: Any, batch_size: int, longest: int) -> int:
+    """Tokens of the largest training forward pass: a batch of the longest rows, or an online stage's rollout rows
+    (grpo: batch x num_generations completions of the longest prompt + max_completion_length)."""
+    rollout = getattr(stage, "rollout_tokens", None)
+    return rollout(batch_size, longest) if rollout else batch_size * longest
 
 
 def estimate_memory(model: nn.Module, tokens: int, precision: str) -> float:
