@@ -119,7 +119,7 @@ def test_wrong_outputs_name_the_function():
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ("missing.py:fn", r"missing.py:fn'.*does not exist \(relative paths are taken from the config"),
+        ("missing.py:fn", r"missing.py:fn'.*does not exist \(relative paths are taken from the folder tuneforge runs in"),
         ("my_rewards.py:solve", r"my_rewards.py:solve'.*has no function 'solve'. Did you mean 'solved'"),
         ("my_rewards.py:NOT_A_FUNCTION", "'NOT_A_FUNCTION' is not callable \\(its type is int\\)"),
         ("no_such_module_xyz:fn", "module 'no_such_module_xyz' cannot be imported"),

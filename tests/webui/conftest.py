@@ -37,7 +37,11 @@ def tiny_values(ws, **changes) -> dict:
               "freeze_layers": 2, "freeze_modules": "all", "quant_type": "nf4", "double_quant": True,
               "pref_beta": None, "pref_loss": "sigmoid", "pref_ftx": 0.0, "label_smoothing": 0.0,
               "simpo_gamma": None, "ref_model": "", "precompute_ref": False, "kto_chosen_weight": 1.0,
-              "kto_rejected_weight": 1.0, "report_to": [], "output_dir": "runs/tiny", "overwrite": False, "resume": False,
+              "kto_rejected_weight": 1.0, "num_generations": 8, "grpo_loss": "dapo", "grpo_beta": 0.0,
+              "grpo_epsilon": 0.2, "grpo_epsilon_high": None, "scale_rewards": "group", "num_iterations": 1,
+              "max_completion_length": 256, "mask_truncated": False, "reward_funcs": "", "reward_weights": "",
+              "reward_model": "", "reward_model_type": "lora", "ppo_buffer_size": 1, "ppo_epochs": 4,
+              "ppo_target": 6.0, "ppo_score_norm": False, "ppo_whiten_rewards": False, "report_to": [], "output_dir": "runs/tiny", "overwrite": False, "resume": False,
               "extra_args": ""}
     values.update(changes)
     return values

@@ -365,6 +365,16 @@ MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "ref_model": _to("reference.model"),
     "ref_model_adapters": _to("reference.adapters"),
     "ref_model_quantization_bit": _to("reference.quantization_bit"),
+    # stage ppo: the reward model and LF's ppo_* keys
+    "reward_model": _to("reward_model.path"),
+    "reward_model_type": _to("reward_model.type"),
+    "reward_model_adapters": _to("reward_model.adapters"),
+    "reward_model_quantization_bit": _to("reward_model.quantization_bit"),
+    "ppo_buffer_size": _to("ppo.buffer_size"),
+    "ppo_epochs": _to("ppo.epochs"),
+    "ppo_score_norm": _to("ppo.score_norm"),
+    "ppo_target": _to("ppo.target"),
+    "ppo_whiten_rewards": _to("ppo.whiten_rewards"),
     "precompute_ref_log_probs": _to("reference.precompute"),  # TRL's key; LF has none
     # stage grpo (not in LF): TRL's GRPOConfig names, grpo_ prefixed where a bare name would be ambiguous
     "num_generations": _to("grpo.num_generations"),
@@ -397,10 +407,6 @@ UNSUPPORTED: dict[str, str] = {
     for reason, keys in {
         "multi-GPU back-ends other than DDP are not wired up yet": ["deepspeed", "fsdp", "fsdp_config"],
         "exports are safetensors only (the legacy .bin format can run code when loaded)": ["export_legacy_format"],
-        "the ppo stage is not built yet": [
-            "reward_model", "reward_model_type", "reward_model_adapters", "reward_model_quantization_bit",
-            "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards",
-        ],
         "tuneforge tokenizes the whole dataset once (cached, or saved with tokenized_path) and computes the "
         "batch order from (seed, step) so runs resume exactly, which a stream cannot give; for large data use "
         "tokenized_path, preprocessing_num_workers and max_samples": ["streaming"],

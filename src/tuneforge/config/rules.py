@@ -9,7 +9,9 @@ from tuneforge.config.schema import (
     GRPOConfig,
     KTOConfig,
     ModelConfig,
+    PPOConfig,
     ReferenceConfig,
+    RewardModelConfig,
     RunConfig,
     SFTConfig,
     TrainConfig,
@@ -36,6 +38,7 @@ def validate(cfg: RunConfig, source: str) -> None:
             check_dpo(cfg.dpo)
             check_kto(cfg.kto)
         check_grpo(cfg.grpo, cfg.stage, cfg.data)
+        check_ppo(cfg.ppo, cfg.reward_model, cfg.stage, cfg.data, cfg.finetune)
         check_sft(cfg.sft, cfg.stage)
         check_reference(cfg.reference, cfg.stage, cfg.dpo, cfg.finetune, cfg.sft, cfg.grpo)
     except ConfigError as err:
@@ -204,7 +207,7 @@ def check_stage_data(stage: str, data: DataConfig) -> None:
     if stage == "sft":
         return
     keys = ("neat_packing", "train_on_prompt", "mask_history") + \
-        (("packing",) if stage in (*PREFERENCE_STAGES, "grpo") else ())
+        (("packing",) if stage in (*PREFERENCE_STAGES, "grpo", "ppo") else ())
     for key in keys:
         if getattr(data, key):
             what = "trains on whole texts" if stage == "pt" else "trains on whole answers"
@@ -261,6 +264,41 @@ def check_grpo(grpo: GRPOConfig, stage: str, data: DataConfig) -> None:
         raise ConfigError("grpo.completions_logged must be >= 0 and grpo.completions_log_steps >= 1")
 
 
+def check_ppo(ppo: PPOConfig, reward: RewardModelConfig, stage: str, data: DataConfig,
+              finetune: FinetuneConfig) -> None:
+    """A reward model of a usable type (lora only on a LoRA policy, api an http(s) URL) and usable PPO settings."""
+    if reward.quantization_bit not in (None, 4, 8):
+        raise ConfigError(f"reward_model.quantization_bit: {reward.quantization_bit} is not supported; use 4 or 8")
+    if (reward.adapters or reward.quantization_bit) and reward.type != "full":
+        raise ConfigError("reward_model.adapters / reward_model.quantization_bit apply to a full reward model; set "
+                          "reward_model.type=full (reward_model_type: full) or remove them")
+    if ppo.epochs < 1 or ppo.buffer_size < 1 or ppo.horizon < 1:
+        raise ConfigError("ppo.epochs, ppo.buffer_size and ppo.horizon (ppo_epochs, ppo_buffer_size) must be >= 1")
+    if ppo.target <= 0 or ppo.cliprange <= 0 or ppo.cliprange_value <= 0 or ppo.ratio_threshold <= 0:
+        raise ConfigError("ppo.target (ppo_target), ppo.cliprange, ppo.cliprange_value and ppo.ratio_threshold "
+                          "must be > 0")
+    if ppo.init_kl_coef < 0 or ppo.vf_coef < 0 or not 0 <= ppo.gamma <= 1 or not 0 <= ppo.lam <= 1:
+        raise ConfigError("ppo.init_kl_coef and ppo.vf_coef must be >= 0, ppo.gamma and ppo.lam in [0, 1]")
+    if stage != "ppo":
+        return
+    if not reward.path:
+        raise ConfigError("stage ppo needs a reward model: set reward_model.path (reward_model) to an rm adapter or "
+                          "run folder, a model folder with a value head (reward_model.type=full) or a score URL "
+                          "(reward_model.type=api)")
+    if reward.type == "lora" and finetune.method != "lora":
+        raise ConfigError(f"reward_model.type=lora loads the reward adapter on the policy's base, which needs "
+                          f"finetune.method=lora (not {finetune.method}); use reward_model.type=full instead")
+    is_url = reward.path.startswith(("http://", "https://"))
+    if reward.type == "api" and not is_url:
+        raise ConfigError(f"reward_model.type=api needs an http(s) URL in reward_model.path (e.g. "
+                          f"http://127.0.0.1:8000/v1/score/evaluation), got {reward.path!r}")
+    if reward.type != "api" and is_url:
+        raise ConfigError(f"reward_model.path is a URL ({reward.path}); set reward_model.type=api to score through it")
+    if data.val_size or data.eval_dataset:
+        raise ConfigError("stage ppo has no validation yet (data.val_size / data.eval_dataset); remove them and "
+                          "follow the reward metrics of training")
+
+
 def check_sft(sft: SFTConfig, stage: str) -> None:
     """The reweighted token losses belong to the sft stage (as in LLaMA-Factory); alphas must be usable."""
     if sft.loss != "ce" and stage != "sft":
@@ -270,8 +308,9 @@ def check_sft(sft: SFTConfig, stage: str) -> None:
 
 
 def uses_reference(stage: str, dpo: DPOConfig, sft: SFTConfig | None = None, grpo: GRPOConfig | None = None) -> bool:
-    """dpo (except orpo and simpo), kto, sft's asft loss and grpo with a KL term compare the policy with a reference."""
-    return stage == "kto" or (stage == "dpo" and dpo.loss not in NO_REFERENCE_LOSSES) or \
+    """dpo (except orpo and simpo), kto, ppo, sft's asft loss and grpo with a KL term compare the policy with a
+    reference."""
+    return stage in ("kto", "ppo") or (stage == "dpo" and dpo.loss not in NO_REFERENCE_LOSSES) or \
         (stage == "sft" and sft is not None and sft.loss == "asft") or \
         (stage == "grpo" and grpo is not None and grpo.beta > 0)
 

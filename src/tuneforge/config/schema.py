@@ -491,6 +491,50 @@ class GRPOConfig:
 
 
 @dataclass
+class PPOConfig:
+    buffer_size: int = 1
+    """Windows (batch_size x gradient_accumulation_steps prompts) rolled out per PPO cycle (ppo_buffer_size)."""
+    epochs: int = 4
+    """Passes over each rollout; every pass over one window is one optimizer step (ppo_epochs)."""
+    score_norm: bool = False
+    """Normalise reward-model scores by their running mean and std (ppo_score_norm)."""
+    target: float = 6.0
+    """Target KL of the adaptive KL coefficient (ppo_target)."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards (without mean shift) before GAE (ppo_whiten_rewards)."""
+    init_kl_coef: float = 0.2
+    """Starting KL coefficient of the per-token KL penalty."""
+    horizon: int = 10000
+    """Horizon of the adaptive KL controller (in samples)."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """Clip range of the policy ratio."""
+    cliprange_value: float = 0.2
+    """Clip range of the value predictions around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    ratio_threshold: float = 10.0
+    """Skip (zero) a batch's loss when its mean policy ratio exceeds this."""
+
+
+@dataclass
+class RewardModelConfig:
+    path: str | None = None
+    """Reward model of stage ppo: an rm adapter or run folder (lora), a model folder (full) or a score URL (api)."""
+    type: Literal["lora", "full", "api"] = "lora"
+    """lora: a second adapter on the policy's base; full: a separate model; api: POST /v1/score/evaluation."""
+    adapters: list[str] = field(default_factory=list)
+    """Adapters merged into a full reward model (the last one's value head is used)."""
+    quantization_bit: int | None = None
+    """Load a full reward model quantized to 4 or 8 bits."""
+    api_key: str | None = None
+    """Bearer key of an api reward model; default: the TUNEFORGE_REWARD_API_KEY environment variable."""
+
+
+@dataclass
 class RunConfig:
     stage: Stage = "sft"
     """Training stage: pt, sft, rm, dpo, kto, ppo or grpo."""
@@ -522,3 +566,7 @@ class RunConfig:
     """The reference model of dpo, kto and sft's asft loss."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     """GRPO stage settings (online RL with reward functions)."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO stage settings (LLaMA-Factory's ppo_* keys and TRL 0.9.6's defaults)."""
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    """The reward model of stage ppo."""

@@ -1,7 +1,7 @@
 """Turn `reward_funcs` config entries into named reward functions.
 
 An entry is one of:
-- `"path/to/file.py:function"`: a function in a Python file; a relative path is taken from the config's folder.
+- `"path/to/file.py:function"`: a function in a Python file; a relative path is taken from the working folder (or base_dir when given).
 - `"package.module:function"`: a function in an importable module.
 - `"accuracy"`, `"format"`, `"length"`, `"repetition"` (or `"builtin:<name>"`): a built-in with its defaults.
 - a mapping `{func: <one of the above>, <setting>: <value>, ...}`: the settings are a built-in's options, or keyword
@@ -103,7 +103,7 @@ def load_file(spec: str, target: str, base_dir: Path | None) -> ModuleType:
     if not path.is_file():
         raise ConfigError(
             f"reward_funcs entry '{spec}': file {path} does not exist"
-            + ("" if Path(target).is_absolute() else " (relative paths are taken from the config file's folder)")
+            + ("" if Path(target).is_absolute() else " (relative paths are taken from the folder tuneforge runs in)")
         )
     if path in _FILE_MODULES:
         return _FILE_MODULES[path]

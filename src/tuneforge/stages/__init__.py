@@ -1,7 +1,7 @@
 """Training stages; built-ins register by explicit import below."""
 
 from tuneforge.errors import ConfigError
-from tuneforge.stages import causal_lm, dpo, grpo, kto, rm  # noqa: F401  (register pt, sft, dpo, grpo, kto, rm)
+from tuneforge.stages import causal_lm, dpo, grpo, kto, ppo, rm  # noqa: F401  (register pt, sft, dpo, grpo, kto, ppo, rm)
 from tuneforge.stages.base import DataKind, LossOutput, Stage
 from tuneforge.stages.registry import STAGES
 

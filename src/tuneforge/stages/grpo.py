@@ -14,10 +14,12 @@ Log-probs use logits / temperature, as TRL does, so the ratio and KL see the sam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,67 @@ def completion_logps(model: nn.Module, batch: Batch, temperature: float) -> Tens
 def step_seed(seed: int, step: int, process: int) -> int:
     """The sampling seed of one step on one process (independent of how the run was interrupted)."""
     return int(hashlib.sha256(f"grpo:{seed}:{step}:{process}".encode()).hexdigest()[:15], 16)
+
+
+@contextlib.contextmanager
+def rollout_mode(model: nn.Module, seed: int) -> Iterator[torch.device]:
+    """Eval mode, no gradients and a forked RNG seeded with `seed` for a rollout; yields the model's device.
+    Training mode is restored (and the CUDA cache emptied) afterwards."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        devices = [device] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield device
+    finally:
+        model.train(was_training)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def sample_completions(model: nn.Module, prompts: list[list[int]], pad_id: int, stop_ids: list[int], *,
+                       max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                       repetition_penalty: float) -> list[list[int]]:
+    """One sampled continuation per prompt (left-padded into one batch, KV cache), as raw generated ids."""
+    device = next(model.parameters()).device
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
+                         temperature=temperature, top_p=top_p, top_k=top_k or None,
+                         repetition_penalty=repetition_penalty, pad_token_id=pad_id, eos_token_id=stop_ids,
+                         use_cache=True)
+    result = out[:, longest:].tolist()
+    del out, input_ids, mask
+    return result
+
+
+def cut_at_stop(outputs: list[list[int]], stop_ids: list[int]) -> tuple[list[list[int]], list[bool]]:
+    """Each generated sequence up to and including its first stop id, and whether it had none (truncated)."""
+    stops = set(stop_ids)
+    completions, truncated = [], []
+    for ids in outputs:
+        end = next((i for i, t in enumerate(ids) if t in stops), None)
+        completions.append(ids if end is None else ids[: end + 1])
+        truncated.append(end is None)
+    return completions, truncated
+
+
+def template_stop_ids(tokenizer: Any, template: Any) -> list[int]:
+    """The template's single-token stop words and eos (as chat generation uses them)."""
+    from tuneforge.chat.engine import ChatEngine
+
+    return ChatEngine(None, tokenizer, template, None).stop_ids()
+
+
+def decode_completion(tokenizer: Any, template: Any, ids: list[int]) -> str:
+    """Completion text: no special tokens, cut at the template's stop words."""
+    from tuneforge.chat.engine import cut_at_stop_words
+
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return "".join(cut_at_stop_words(iter([text]), template.stop_words))
 
 
 @STAGES.register("grpo")
@@ -147,28 +210,13 @@ class GRPOStage(Stage):
         """Generate, score, compute advantages (and old / reference log-probs where needed)."""
         s = self.settings
         g = s.num_generations
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         generated: list[list[list[int]]] = []
-        try:
-            devices = [device] if device.type == "cuda" else []
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                torch.manual_seed(step_seed(self.run.train.seed, self.step, acc.process_index))
-                for part in parts:
-                    generated.append(self.generate(model, [r["input_ids"] for r in part], device))
-        finally:
-            model.train(was_training)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        with rollout_mode(model, step_seed(self.run.train.seed, self.step, acc.process_index)) as device:
+            for part in parts:
+                generated.append(self.generate(model, [r["input_ids"] for r in part], device))
         prompts = [r for part in parts for r in part]
         outputs = [ids for part in generated for ids in part]  # [P * G] raw generated ids
-        stop_ids = set(self.stop_ids())
-        completions, truncated = [], []
-        for ids in outputs:
-            end = next((i for i, t in enumerate(ids) if t in stop_ids), None)
-            completions.append(ids if end is None else ids[: end + 1])
-            truncated.append(end is None)
+        completions, truncated = cut_at_stop(outputs, self.stop_ids())
         texts = [self.decode(ids) for ids in completions]
         repeated = [p for p in prompts for _ in range(g)]
         columns = self.columns_of(repeated)
@@ -196,29 +244,17 @@ class GRPOStage(Stage):
         """G sampled continuations of each prompt (repeated contiguously), left-padded into one batch."""
         g, gen = self.settings.num_generations, self.run.generation
         seqs = [p for p in prompts for _ in range(g)]
-        longest = max(len(p) for p in seqs)
-        input_ids = torch.tensor([[self.pad_id] * (longest - len(p)) + list(p) for p in seqs], device=device)
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in seqs], device=device)
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.settings.max_completion_length,
-                             do_sample=True, temperature=self.temperature, top_p=gen.top_p, top_k=gen.top_k or None,
-                             repetition_penalty=gen.repetition_penalty, pad_token_id=self.pad_id,
-                             eos_token_id=self.stop_ids(), use_cache=True)
-        result = out[:, longest:].tolist()
-        del out, input_ids, mask
-        return result
+        return sample_completions(model, seqs, self.pad_id, self.stop_ids(),
+                                  max_new_tokens=self.settings.max_completion_length, temperature=self.temperature,
+                                  top_p=gen.top_p, top_k=gen.top_k, repetition_penalty=gen.repetition_penalty)
 
     def stop_ids(self) -> list[int]:
         """The template's single-token stop words and eos (as chat generation uses them)."""
-        from tuneforge.chat.engine import ChatEngine
-
-        return ChatEngine(None, self.tokenizer, self.template, None).stop_ids()
+        return template_stop_ids(self.tokenizer, self.template)
 
     def decode(self, ids: list[int]) -> str:
         """Completion text for reward functions: no special tokens, cut at the template's stop words."""
-        from tuneforge.chat.engine import cut_at_stop_words
-
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return "".join(cut_at_stop_words(iter([text]), self.template.stop_words))
+        return decode_completion(self.tokenizer, self.template, ids)
 
     @staticmethod
     def columns_of(rows: list[Row]) -> dict[str, list[Any]]:

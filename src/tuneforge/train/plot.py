@@ -1,5 +1,6 @@
 """plots/loss.png: training loss (raw and smoothed) and eval loss against steps; for preference stages a second
-panel with reward accuracy (or the reward model's accuracy) and reward margins."""
+panel with reward accuracy (or the reward model's accuracy) and reward margins; for online RL (grpo) a panel with
+the mean reward and each reward function's mean, also drawn alone as plots/reward.png."""
 
 from __future__ import annotations
 
@@ -7,6 +8,18 @@ from pathlib import Path
 from typing import Any
 
 PREFERENCE_CURVES = ("rewards/accuracies", "accuracy", "rewards/margins")
+REWARD_CURVE = "reward"  # grpo's mean reward per step; each reward function's mean is rewards/<name>/mean
+
+
+def is_reward_curve(key: str) -> bool:
+    """The mean reward, or one reward function's mean (TRL's rewards/<name>/mean; dpo's rewards/* are not)."""
+    return key == REWARD_CURVE or (key.startswith("rewards/") and key.endswith("/mean") and key.count("/") >= 2)
+
+
+def reward_keys(records: list[dict[str, Any]]) -> list[str]:
+    """The reward curves the records have: `reward` first, then each function's mean in first-seen order."""
+    keys = dict.fromkeys(k for r in records for k in r if is_reward_curve(k))
+    return sorted(keys, key=lambda k: k != REWARD_CURVE)
 
 
 def smooth(values: list[float], weight: float | None = None) -> list[float]:
@@ -38,7 +51,9 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     extra = [k for k in PREFERENCE_CURVES if series(records, k) or series(records, f"eval_{k}")]
-    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(12 if extra else 7, 4.2), dpi=110, squeeze=False)
+    rewards = reward_keys(records)
+    panels = 1 + bool(extra) + bool(rewards)
+    fig, axes = plt.subplots(1, panels, figsize=(7 + 5 * (panels - 1), 4.2), dpi=110, squeeze=False)
     ax = axes[0][0]
     if train:
         steps, losses = zip(*train)
@@ -50,13 +65,55 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> Path | None:
     _finish(ax, "loss")
     if extra:
         _preference_panel(axes[0][1], records, extra)
+    if rewards:
+        _reward_panel(axes[0][panels - 1], records, rewards)
+    _save(fig, path)
+    if rewards:
+        plot_rewards(records, path.parent / "reward.png")
+    return path
+
+
+def plot_rewards(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """plots/reward.png: the mean reward (raw and smoothed) and each reward function's mean against steps; None
+    when the records have no reward."""
+    keys = reward_keys(records)
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    _reward_panel(ax, records, keys)
+    _save(fig, path)
+    return path
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.tight_layout()
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
-    return path
+
+
+def _reward_panel(ax: Any, records: list[dict[str, Any]], keys: list[str]) -> None:
+    """The mean reward raw (light) and smoothed, and each reward function's mean smoothed."""
+    for i, key in enumerate(keys):
+        points = [(step, value) for step, value in series(records, key) if value is not None]
+        if not points:
+            continue
+        steps, values = zip(*points)
+        if key == REWARD_CURVE:
+            ax.plot(steps, values, color="#fdae6b", alpha=0.6, label="reward")
+            ax.plot(steps, smooth(list(values)), color="#e6550d", label="reward (smoothed)")
+        else:
+            ax.plot(steps, smooth(list(values)), "--", color=f"C{i % 10}", alpha=0.8, label=key)
+    _finish(ax, "reward")
 
 
 def _preference_panel(ax: Any, records: list[dict[str, Any]], keys: list[str]) -> None:

@@ -77,14 +77,19 @@ def raw_sources(raw: list[Any], rows: Any) -> list[Any]:
 
 
 ROW_HEAD = "{origin} [{part}: {tokens} tokens, {trained} trained]"
-PART_NAMES = {p: p for p in ("row", "chosen", "rejected", "desirable", "undesirable")}
+PART_NAMES = {p: p for p in ("row", "chosen", "rejected", "desirable", "undesirable", "prompt")}
 
 
 def row_sequences(row: dict[str, Any]) -> list[tuple[str, list[int], list[int]]]:
     """(part, input ids, labels) of an encoded row: a preference pair's chosen and rejected sequences, a kto
-    row's one sequence named by its label, or the row itself."""
+    row's one sequence named by its label, a grpo prompt (nothing trained: the completions are generated), or the
+    row itself."""
+    from tuneforge.data.encode import IGNORE_INDEX
+
     if "input_ids" not in row:
         return [(side, row[f"{side}_input_ids"], row[f"{side}_labels"]) for side in ("chosen", "rejected")]
+    if "labels" not in row:
+        return [("prompt", row["input_ids"], [IGNORE_INDEX] * len(row["input_ids"]))]
     part = "row" if "kto_label" not in row else "desirable" if row["kto_label"] else "undesirable"
     return [(part, row["input_ids"], row["labels"])]
 

@@ -12,6 +12,7 @@ import yaml
 
 from tuneforge.config import RunConfig, load, load_tree
 from tuneforge.config.load import apply_override
+from tuneforge.errors import ConfigError
 from tuneforge.webui.workspace import Workspace
 
 METHODS = ("lora", "qlora-4bit", "qlora-8bit", "oft", "freeze", "full")
@@ -61,7 +62,22 @@ PREFERENCE_FORM = {"pref_beta": None, "pref_loss": "sigmoid", "pref_ftx": 0.0, "
                    "simpo_gamma": None, "ref_model": "", "precompute_ref": False, "kto_chosen_weight": 1.0,
                    "kto_rejected_weight": 1.0}
 PREFERENCE_KEYS = list(PREFERENCE_FORM)
-STAGE_KEYS = ["stage", *PREFERENCE_KEYS]  # the stage and its settings, which the Evaluate tab passes on too
+# The GRPO panel (section grpo:); reward functions are a text box, one entry per line ('accuracy',
+# 'rewards.py:my_fn', 'module:fn', or a YAML mapping such as {func: length, target: 50}), weights a list of numbers.
+GRPO = {"num_generations": "grpo.num_generations", "grpo_loss": "grpo.loss_type", "grpo_beta": "grpo.beta",
+        "grpo_epsilon": "grpo.epsilon", "grpo_epsilon_high": "grpo.epsilon_high",
+        "scale_rewards": "grpo.scale_rewards", "num_iterations": "grpo.num_iterations",
+        "max_completion_length": "grpo.max_completion_length",
+        "mask_truncated": "grpo.mask_truncated_completions", "reward_funcs": "grpo.reward_funcs",
+        "reward_weights": "grpo.reward_weights"}
+GRPO_KEYS = list(GRPO)
+# The PPO panel (LLaMA-Factory's keys): the reward model (an rm run, a model folder or a score URL) and ppo_*.
+PPO = {"reward_model": "reward_model.path", "reward_model_type": "reward_model.type",
+       "ppo_buffer_size": "ppo.buffer_size", "ppo_epochs": "ppo.epochs", "ppo_score_norm": "ppo.score_norm",
+       "ppo_target": "ppo.target", "ppo_whiten_rewards": "ppo.whiten_rewards"}
+PPO_KEYS = list(PPO)
+STAGE_PANELS: dict[str, dict[str, str]] = {**PREFERENCE, "grpo": GRPO, "ppo": PPO}  # each stage's panel fields
+STAGE_KEYS = ["stage", *PREFERENCE_KEYS, *GRPO_KEYS, *PPO_KEYS]  # the stage and its settings (Evaluate's too)
 
 
 @dataclass
@@ -115,12 +131,84 @@ def config_tree(values: dict[str, Any], ws: Workspace) -> dict[str, Any]:
 
 
 def put_preference(tree: dict[str, Any], values: dict[str, Any]) -> None:
-    """The preference panel's values that differ from their defaults, into the chosen stage's sections."""
+    """The stage panel's values (preference or grpo) that differ from their defaults, into the chosen stage's
+    sections."""
     defaults = _defaults()
-    for key, dotted in PREFERENCE.get(values.get("stage") or "sft", {}).items():
+    for key, dotted in STAGE_PANELS.get(values.get("stage") or "sft", {}).items():
         value = values.get(key)
-        if value not in (None, "") and value != defaults[dotted]:
+        if key in TEXT_FIELDS:
+            value = TEXT_FIELDS[key][0](value)
+        if value not in (None, "", []) and value != defaults[dotted]:
             _put(tree, dotted, value)
+
+
+def reward_entries(text: str | list[Any] | None) -> list[Any]:
+    """The reward functions box as reward_funcs entries: one per line (blank and # lines skipped); a line that
+    starts with '{' is a YAML mapping ({func: ..., setting: value})."""
+    if isinstance(text, list):
+        return text
+    entries: list[Any] = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            try:
+                entry = yaml.safe_load(line)
+            except yaml.YAMLError:
+                entry = None
+            if not isinstance(entry, dict):
+                raise ConfigError(f"reward functions: '{line}' is no mapping; write {{func: name, setting: value}}")
+            entries.append(entry)
+        else:
+            entries.append(line)
+    return entries
+
+
+def reward_text(entries: list[Any], ws: Workspace | None = None) -> str:
+    """reward_funcs entries as the box shows them: one per line, files in the working folder relative to it."""
+    lines = []
+    for entry in entries:
+        if isinstance(entry, dict):
+            func = entry.get("func")
+            shown = {**entry, "func": _shown_reward(func, ws)} if isinstance(func, str) else entry
+            lines.append(yaml.safe_dump(shown, default_flow_style=True, allow_unicode=True, width=10_000).strip())
+        else:
+            lines.append(_shown_reward(str(entry), ws))
+    return "\n".join(lines)
+
+
+def weight_list(text: str | list[Any] | None) -> list[float]:
+    """The reward weights box ('1, 0.5' or one per line) as numbers."""
+    if isinstance(text, list):
+        return [float(w) for w in text]
+    words = (text or "").replace(",", " ").split()
+    try:
+        return [float(w) for w in words]
+    except ValueError:
+        raise ConfigError(f"reward weights: '{text}' must be numbers separated by commas, e.g. 1.0, 0.5") from None
+
+
+def weight_text(weights: list[float]) -> str:
+    """Reward weights as the box shows them."""
+    return ", ".join(f"{w:g}" for w in weights)
+
+
+# Panel fields shown as text: (box text -> config value, config value -> box text).
+TEXT_FIELDS = {"reward_funcs": (reward_entries, reward_text), "reward_weights": (weight_list, weight_text)}
+
+
+def _is_reward_file(spec: str) -> bool:
+    """Whether a reward_funcs string names a Python file (as the loader decides), not a built-in or module."""
+    target = spec.strip().removeprefix("builtin:").rpartition(":")[0]
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
+def _shown_reward(spec: str, ws: Workspace | None) -> str:
+    if ws is None or not _is_reward_file(spec):
+        return spec
+    target, _, attr = spec.strip().rpartition(":")
+    return f"{ws.relative(Path(target))}:{attr}"
 
 
 def confine(tree: dict[str, Any], ws: Workspace) -> None:
@@ -135,14 +223,31 @@ def confine(tree: dict[str, Any], ws: Workspace) -> None:
     for dotted in ("model.path", "reference.model"):
         if _lookup(tree, dotted) is not None:
             _put(tree, dotted, ws.model_path(str(_lookup(tree, dotted))))
-    for dotted in ("model.adapter_path", "reference.adapters"):
+    reward_model = _lookup(tree, "reward_model.path")
+    if reward_model is not None and not str(reward_model).startswith(("http://", "https://")):
+        _put(tree, "reward_model.path", ws.model_path(str(reward_model)))
+    for dotted in ("model.adapter_path", "reference.adapters", "reward_model.adapters"):
         adapters = _lookup(tree, dotted)
         if adapters is not None:
             adapters = [adapters] if isinstance(adapters, str) else adapters
             _put(tree, dotted, [str(ws.inside(a, ws.runs_dir, "adapter")) for a in adapters] or None)
+    rewards = _lookup(tree, "grpo.reward_funcs")
+    if isinstance(rewards, list):  # reward files (Python run by training) only from the working folder
+        _put(tree, "grpo.reward_funcs", [_confined_reward(entry, ws) for entry in rewards])
     resume = _lookup(tree, "train.resume_from_checkpoint")
     if resume not in (None, "auto"):
         _put(tree, "train.resume_from_checkpoint", str(ws.inside(resume, ws.runs_dir, "checkpoint")))
+
+
+def _confined_reward(entry: Any, ws: Workspace) -> Any:
+    """A reward_funcs entry with its file (if it names one) made absolute, refused outside the working folder
+    (a relative path is taken from it, as the box shows it, not from configs/ where the YAML is written)."""
+    if isinstance(entry, dict) and isinstance(entry.get("func"), str):
+        return {**entry, "func": _confined_reward(entry["func"], ws)}
+    if not isinstance(entry, str) or not _is_reward_file(entry):
+        return entry
+    target, _, attr = entry.strip().rpartition(":")
+    return f"{ws.inside(target, ws.root, 'reward function file')}:{attr}"
 
 
 def build_config(values: dict[str, Any], ws: Workspace) -> RunConfig:
@@ -200,12 +305,29 @@ def form_values(cfg: RunConfig, ws: Workspace) -> dict[str, Any]:
 
 
 def preference_values(cfg: RunConfig, ws: Workspace) -> dict[str, Any]:
-    """The preference panel's values for a config: its stage's settings, the panel's defaults for the rest."""
-    values = dict(PREFERENCE_FORM)
-    for key, dotted in PREFERENCE.get(cfg.stage, {}).items():
-        values[key] = _get(cfg, dotted)
+    """The stage panels' values for a config: its stage's settings, the panels' defaults for the rest."""
+    values = {**PREFERENCE_FORM, **grpo_form(), **ppo_form()}
+    for key, dotted in STAGE_PANELS.get(cfg.stage, {}).items():
+        value = _get(cfg, dotted)
+        values[key] = TEXT_FIELDS[key][1](value, ws) if key == "reward_funcs" else \
+            TEXT_FIELDS[key][1](value) if key in TEXT_FIELDS else value
     values["ref_model"] = ws.relative(Path(values["ref_model"])) if values["ref_model"] else ""
+    rm = values["reward_model"] or ""
+    values["reward_model"] = rm if rm.startswith(("http://", "https://")) or not rm else ws.relative(Path(rm))
     return values
+
+
+def ppo_form() -> dict[str, Any]:
+    """What the PPO panel shows when the stage is not ppo: the sections' defaults (no reward model)."""
+    defaults = _defaults()
+    return {**{key: defaults[dotted] for key, dotted in PPO.items()}, "reward_model": ""}
+
+
+def grpo_form() -> dict[str, Any]:
+    """What the GRPO panel shows when the stage is not grpo: the section's defaults."""
+    defaults = _defaults()
+    values = {key: defaults[dotted] for key, dotted in GRPO.items()}
+    return {**values, "reward_funcs": "", "reward_weights": ""}
 
 
 # Settings the form's own fields hold; everything else a loaded config sets goes to the Extra settings box.
@@ -222,7 +344,7 @@ def extra_lines(cfg: RunConfig, values: dict[str, Any]) -> list[str]:
 
     lines = []
     defaults = _defaults()
-    held = FORM_PATHS | set(PREFERENCE.get(cfg.stage, {}).values()) | _mirrored(cfg)
+    held = FORM_PATHS | set(STAGE_PANELS.get(cfg.stage, {}).values()) | _mirrored(cfg)
     for dotted, value in flatten(to_dict(cfg), leaves=("inline",)).items():
         if dotted not in held and value != defaults.get(dotted):
             lines.append(f"{dotted}={json.dumps(value, ensure_ascii=False)}")
@@ -232,13 +354,13 @@ def extra_lines(cfg: RunConfig, values: dict[str, Any]) -> list[str]:
 
 
 def _mirrored(cfg: RunConfig) -> set[str]:
-    """beta and ftx of the other preference section where they equal the stage's own: LLaMA-Factory's pref_beta
-    and pref_ftx set both sections, and the panel's one field stands for both."""
-    other = {"dpo": "kto", "kto": "dpo"}.get(cfg.stage)
-    if other is None:
+    """beta and ftx of the other stage sections where they equal the stage's own: LLaMA-Factory's pref_beta sets
+    dpo, kto and grpo's beta (pref_ftx dpo and kto's ftx), and the panel's one field stands for them all."""
+    names = {"dpo": ("beta", "ftx"), "kto": ("beta", "ftx"), "grpo": ("beta",)}
+    if cfg.stage not in names:
         return set()
-    return {f"{other}.{name}" for name in ("beta", "ftx")
-            if _get(cfg, f"{other}.{name}") == _get(cfg, f"{cfg.stage}.{name}")}
+    return {f"{other}.{name}" for other, shared in names.items() if other != cfg.stage for name in shared
+            if name in names[cfg.stage] and _get(cfg, f"{other}.{name}") == _get(cfg, f"{cfg.stage}.{name}")}
 
 
 def _defaults() -> dict[str, Any]:

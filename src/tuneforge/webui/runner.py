@@ -12,20 +12,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneforge.train.plot import PREFERENCE_CURVES
+from tuneforge.train.plot import PREFERENCE_CURVES, is_reward_curve
 
 ABORT_GRACE_S = 120  # SIGINT lets the run save a checkpoint (large for a full fine-tune); then it is killed
 LOG_TAIL_LINES = 40
 PLOT_POINTS = 400
-# What the live plot draws of each training record that has them: the loss, and for preference stages the reward
-# accuracy and margins (dpo, kto) or the reward model's pair accuracy (rm).
+# What the live plot draws of each training record that has them: the loss, for preference stages the reward
+# accuracy and margins (dpo, kto) or the reward model's pair accuracy (rm), and for grpo the mean reward and each
+# reward function's mean (rewards/<name>/mean, see curve_keys).
 CURVES = ("loss", *PREFERENCE_CURVES)
+
+
+def curve_keys(record: dict[str, Any]) -> list[str]:
+    """The record's keys the live plot draws: CURVES, then the reward curves (named by the reward functions)."""
+    return [k for k in CURVES if k in record] + [k for k in record if is_reward_curve(k) and k not in CURVES]
 
 
 @dataclass
 class JobStatus:
     """What the Train tab shows: state, progress, the curves (`losses`: step, loss and, for preference stages,
-    reward accuracy and margins), the log tail and the error (if any)."""
+    reward accuracy and margins, for grpo the rewards), the log tail and the error (if any)."""
 
     state: str  # idle | starting | running | finished | failed | aborted
     step: int = 0
@@ -94,7 +100,7 @@ class TrainJob:
         metrics = [m for m in self.metrics if "loss" in m]
         tail = log_tail(self.log_path)
         status = JobStatus("running" if metrics else "starting", run_dir=str(self.run_dir), log_tail=tail,
-                           losses=thin([{k: m[k] for k in ("step", *CURVES) if k in m} for m in metrics]))
+                           losses=thin([{k: m[k] for k in ("step", *curve_keys(m))} for m in metrics]))
         self.total = self.total or planned_steps(self.run_dir)
         status.total = self.total
         if metrics:

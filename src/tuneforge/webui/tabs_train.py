@@ -9,15 +9,24 @@ from typing import Any
 from tuneforge.io import write_text_atomic
 from tuneforge.train.plan import format_seconds
 from tuneforge.webui import actions
-from tuneforge.webui.form import PREFERENCE_KEYS, TOP_KEYS, load_args, save_args, train_command
-from tuneforge.webui.runner import CURVES, JobStatus, TrainJob
+from tuneforge.webui.form import (
+    GRPO_KEYS,
+    PPO_KEYS,
+    PREFERENCE_KEYS,
+    TOP_KEYS,
+    load_args,
+    save_args,
+    train_command,
+)
+from tuneforge.webui.runner import JobStatus, TrainJob, curve_keys
 
 TERMINAL = ("finished", "failed", "aborted")
 TRAIN_KEYS = ["stage", "dataset_dir", "dataset", "identity_name", "identity_author", "learning_rate", "epochs",
               "max_steps", "cutoff_len", "max_samples", "batch_size", "grad_accum", "scheduler", "warmup_ratio",
               "precision", "max_grad_norm", "val_size", "packing", "logging_steps", "save_steps", "seed",
               "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "rslora", "dora", "pissa", "freeze_layers",
-              "freeze_modules", "quant_type", "double_quant", *PREFERENCE_KEYS, "report_to", "output_dir",
+              "freeze_modules", "quant_type", "double_quant", *PREFERENCE_KEYS, *GRPO_KEYS,
+              *PPO_KEYS, "report_to", "output_dir",
               "overwrite", "resume", "extra_args"]
 
 
@@ -36,6 +45,8 @@ def build(board: Any) -> tuple[Any, list[Any]]:
         _hyperparameters(board)
         _method_panels(board)
         _preference_panel(board)
+        _grpo_panel(board)
+        _ppo_panel(board)
         parts.update(_run_section(board))
         parts["timer"] = gr.Timer(1.0, active=False)
     return _wire(board, parts)
@@ -252,11 +263,13 @@ def progress_html(status: JobStatus, board: Any) -> str:
 
 
 def loss_frame(points: list[dict[str, Any]]) -> Any:
-    """The curves as the long table gr.LinePlot draws (one line per series): the loss, and for preference
-    stages the reward accuracy (or the reward model's accuracy) and the reward margins."""
+    """The curves as the long table gr.LinePlot draws (one line per series): the loss, for preference stages
+    the reward accuracy (or the reward model's accuracy) and the reward margins, for grpo the mean reward and
+    each reward function's mean."""
     import pandas as pd
 
-    rows = [(p["step"], key, p[key]) for key in CURVES for p in points if key in p]
+    keys = dict.fromkeys(key for p in points for key in curve_keys(p))
+    rows = [(p["step"], key, p[key]) for key in keys for p in points if p.get(key) is not None]
     return pd.DataFrame(rows, columns=["step", "series", "value"])
 
 
@@ -330,3 +343,59 @@ def _preference_panel(board: Any) -> None:
             board.field("precompute_ref", gr.Checkbox, value=False, scale=1)
             board.field("kto_chosen_weight", gr.Number, value=1.0, minimum=0, scale=1)
             board.field("kto_rejected_weight", gr.Number, value=1.0, minimum=0, scale=1)
+
+
+def _grpo_panel(board: Any) -> None:
+    """grpo settings (see form.GRPO): group size, loss, clipping, KL, and the reward functions with weights."""
+    from typing import get_args
+
+    import gradio as gr
+
+    from tuneforge.config import RunConfig
+    from tuneforge.config.typed import field_type
+    from tuneforge.webui.form import grpo_form
+
+    shown = grpo_form()
+    losses = list(get_args(field_type(RunConfig, "grpo.loss_type")))
+    scales = list(get_args(field_type(RunConfig, "grpo.scale_rewards")))
+    with board.block(gr.Accordion, "grpo_panel", open=False):
+        with gr.Row():
+            board.field("num_generations", gr.Number, value=shown["num_generations"], precision=0, minimum=2)
+            board.field("grpo_loss", gr.Dropdown, choices=losses, value=shown["grpo_loss"])
+            board.field("grpo_beta", gr.Number, value=shown["grpo_beta"], minimum=0)
+            board.field("grpo_epsilon", gr.Number, value=shown["grpo_epsilon"], minimum=0)
+            board.field("grpo_epsilon_high", gr.Number, value=shown["grpo_epsilon_high"], minimum=0)
+            board.field("scale_rewards", gr.Dropdown, choices=scales, value=shown["scale_rewards"])
+        with gr.Row():
+            board.field("num_iterations", gr.Number, value=shown["num_iterations"], precision=0, minimum=1)
+            board.field("max_completion_length", gr.Number, value=shown["max_completion_length"], precision=0,
+                        minimum=1)
+            board.field("mask_truncated", gr.Checkbox, value=shown["mask_truncated"])
+        with gr.Row():
+            board.field("reward_funcs", gr.Textbox, value="", lines=3, scale=3,
+                        placeholder="accuracy\nformat\nrewards.py:my_reward")
+            board.field("reward_weights", gr.Textbox, value="", scale=1, placeholder="1.0, 0.5")
+
+
+def _ppo_panel(board: Any) -> None:
+    """ppo settings (see form.PPO): the reward model and LLaMA-Factory's ppo_* keys."""
+    from typing import get_args
+
+    import gradio as gr
+
+    from tuneforge.config import RunConfig
+    from tuneforge.config.typed import field_type
+    from tuneforge.webui.form import ppo_form
+
+    shown = ppo_form()
+    with board.block(gr.Accordion, "ppo_panel", open=False):
+        with gr.Row():
+            board.field("reward_model", gr.Textbox, value="", scale=3, placeholder="runs/rm")
+            board.field("reward_model_type", gr.Dropdown, value=shown["reward_model_type"],
+                        choices=list(get_args(field_type(RunConfig, "reward_model.type"))), scale=1)
+        with gr.Row():
+            board.field("ppo_buffer_size", gr.Number, value=shown["ppo_buffer_size"], precision=0, minimum=1)
+            board.field("ppo_epochs", gr.Number, value=shown["ppo_epochs"], precision=0, minimum=1)
+            board.field("ppo_target", gr.Number, value=shown["ppo_target"], minimum=0)
+            board.field("ppo_score_norm", gr.Checkbox, value=shown["ppo_score_norm"])
+            board.field("ppo_whiten_rewards", gr.Checkbox, value=shown["ppo_whiten_rewards"])
