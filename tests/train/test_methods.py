@@ -132,12 +132,3 @@ def test_llamafactory_flags_train_from_the_command_line(tmp_path, tiny_model_dir
                  "--max_samples", "8", "--per_device_train_batch_size", "2", "--max_steps", "2",
                  "--output_dir", str(out), "--logging_steps", "1", "--do_train", "true"]) == 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-
-
-@pytest.mark.parametrize("stage", ["ppo"])  # grpo is built: tests/stages/test_grpo.py
-def test_stages_not_built_yet_are_refused_clearly(make_cfg, stage):
-    from tuneforge.errors import ConfigError
-    from tuneforge.stages import build_stage
-
-    with pytest.raises(ConfigError, match=f"stage '{stage}' is not available yet"):
-        build_stage(make_cfg(f"stage={stage}"), 0)
