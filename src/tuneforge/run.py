@@ -308,7 +308,11 @@ def measure_time(job: Job) -> float:
         probe_context = dataclasses.replace(context, run_dir=Path(scratch),
                                             plan=dataclasses.replace(context.plan, max_steps=2))
         result: FitResult = fit(job.model, job.stage, job.train_rows, [], probe, probe_context)
-        times = [r["elapsed"] for r in read_metrics(Path(scratch) / "metrics.jsonl")]
+        records = read_metrics(Path(scratch) / "metrics.jsonl")
     del result
+    times = [r["elapsed"] for r in records]
+    if "timing/rollout_s" in records[-1]:  # online stages: the second (warm) step's rollout
+        job.plan.rollout_seconds = records[-1]["timing/rollout_s"]
+        job.plan.generation_seconds = records[-1]["timing/generation_s"]
     first, second = times[0], times[1] - times[0]
     return first + second * (context.plan.total_steps - 1)

@@ -187,6 +187,10 @@ def test_length():
     # default 50 words: 50 -> 1.0, 60 -> 1 - 10/50 = 0.8, 100 and more -> 0
     texts = [" ".join(["w"] * n) for n in (50, 60, 100, 130)]
     assert builtin("length")(completions=texts) == pytest.approx([1.0, 0.8, 0.0, 0.0])
+    # Chinese counts character by character, other text by runs of non-space characters:
+    # "我是一个助手" 6 -> 1 - 2/4; "我叫 Tune Forge。啊" 我 叫 Tune Forge。 啊 = 5 -> 1 - 1/4; "a  b\n" 2 -> 1
+    assert builtin({"func": "length", "max_words": 4})(completions=["我是一个助手", "我叫 Tune Forge。啊", "a  b\n"]) == \
+        pytest.approx([0.5, 0.75, 1.0])
     # tokens: limit 4, 5 tokens -> 1 - 1/4
     assert builtin({"func": "length", "max_tokens": 4})(completions=["", ""], completion_ids=[[1] * 4, [1] * 5]) == [
         1.0, 0.75

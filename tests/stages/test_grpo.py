@@ -133,11 +133,56 @@ def test_extra_columns_reach_reward_functions_and_completions_are_written(grpo_c
     assert all(line["reward"] == line["rewards"]["seen"] for line in lines)
 
 
-def test_plan_counts_the_rollout(grpo_cfg):
+def test_validation_prompts_are_sampled_scored_and_leave_training_alone(grpo_cfg, dataset_dir, tmp_path,
+                                                                        monkeypatch):
     from tuneforge.run import prepare
+    from tuneforge.train.loop import LossModule, evaluate
+
+    monkeypatch.setenv("GRPO_SEEN", str(tmp_path / "seen.jsonl"))
+    write_json(dataset_dir / "held_out.json", [{"instruction": "Spell cat.", "output": "c a t", "target": "e"},
+                                               {"instruction": "Name a day.", "output": "Monday", "target": "f"}])
+    write_json(dataset_dir / "dataset_info.json", {"prompts": {"file_name": "prompts.json"},
+                                                   "held_out": {"file_name": "held_out.json"}})
+    plain = grpo_cfg("train.max_steps=2", reward="seen", out="plain")
+    plain_model, _, _ = train_in_process(plain)
+    evaluated = grpo_cfg("train.max_steps=2", "data.eval_dataset=held_out", "train.eval_steps=1",
+                         "train.eval_batch_size=1", reward="seen", out="evaluated")
+    model, _, _ = train_in_process(evaluated)
+    # sampling for evaluation uses its own seeds: the training run is the same as without it
+    a, b = snapshot(plain_model), snapshot(model)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    logged = records(evaluated)
+    evals = [r for r in logged if "eval_reward" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    for r in evals:  # the reward is the completion length in tokens, so both metrics must agree
+        assert r["eval_reward"] == pytest.approx(r["eval_completions/mean_length"])
+        assert r["eval_rewards/seen/mean"] == pytest.approx(r["eval_reward"])
+    calls = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
+    eval_prompts = [c["prompts"] for c in calls if c["target"][0] in ("e", "f")]
+    assert eval_prompts == [["Spell cat."] * 4, ["Name a day."] * 4] * 2  # batch 1: one prompt x 4 completions
+    # evaluating the same weights twice samples the same completions
+    job = prepare(grpo_cfg("data.eval_dataset=held_out", "train.eval_batch_size=2", reward="seen", out="twice"))
+    module = job.context.accelerator.prepare(LossModule(job.model, job.stage))
+    first = evaluate(module, job.stage, job.val_rows, 2, job.context.accelerator)
+    assert evaluate(module, job.stage, job.val_rows, 2, job.context.accelerator) == first
+    assert job.stage.step == 0 and not (tmp_path / "twice" / "completions.jsonl").exists()
+
+
+def test_plan_counts_the_rollout(grpo_cfg, tmp_path):
+    from tuneforge.run import measure_time, prepare
 
     job = prepare(grpo_cfg())
     assert "2 prompts x 4 = 8 completions, up to 64 generated tokens" in job.plan.stage
+    # generation memory of one rollout batch, by hand: tiny Llama, 2 layers x 2 KV heads x head dim 16, fp32
+    # weights; 2 prompts x 4 completions = 8 rows of (longest prompt + 8 new tokens); 4 fp32 [rows, vocab] buffers
+    longest = max(len(r["input_ids"]) for r in job.train_rows)
+    vocab = job.model.config.vocab_size
+    expected = 2 * 2 * 2 * 16 * 8 * (longest + 8) * 4 + 4 * 8 * vocab * 4
+    assert job.plan.generation_gb * 2**30 == pytest.approx(expected)
+    # --plan measures two steps: the rollout's share is reported, nothing is written to the run folder
+    measure_time(job)
+    assert 0 < job.plan.generation_seconds <= job.plan.rollout_seconds
+    assert not (tmp_path / "run" / "completions.jsonl").exists()
 
 
 def test_prompt_rows_of_every_format_keep_the_answer_and_extra_columns(dataset_dir, tokenizer):
@@ -177,8 +222,6 @@ def test_grpo_config_keys_and_rules(grpo_cfg):
         grpo_cfg("grpo.reward_funcs=[]")
     with pytest.raises(ConfigError, match="reward_weights"):
         grpo_cfg("grpo.reward_weights=[1.0, 2.0]")
-    with pytest.raises(ConfigError, match="no validation"):
-        grpo_cfg("data.val_size=0.5")
     assert grpo_cfg("grpo.beta=0").grpo.beta == 0  # pref_beta 0 is valid for grpo (not a dpo/kto beta)
     keys = {"num_generations": 4, "grpo_loss": "bnpo", "pref_beta": 0.04, "reward_funcs": ["r.py:f"]}
     assignments = dict(a for key, value in keys.items() for a in map_key(key, value)[0])

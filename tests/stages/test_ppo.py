@@ -120,7 +120,14 @@ def test_lora_reward_scores_match_peft_and_the_saved_head(ppo_cfg, lora_reward, 
 
 
 def test_ppo_with_a_full_reward_model_and_full_tuning(ppo_cfg, full_reward):
+    from tuneforge.run import prepare
+
     cfg = ppo_cfg(f"reward_model.path={full_reward}", "reward_model.type=full", "finetune.method=full")
+    # the plan counts the separate reward model: the tiny model's fp32 parameters, summed by hand from its shapes
+    config = json.loads((full_reward / "config.json").read_text())
+    h, inter, layers, vocab = config["hidden_size"], config["intermediate_size"], 2, config["vocab_size"]
+    per_layer = h * h * 2 + h * (h // 2) * 2 + 3 * h * inter + 2 * h  # q, o; k, v (2 of 4 heads); mlp; 2 norms
+    assert prepare(cfg).plan.reward_model_gb * 2**30 == (vocab * h + layers * per_layer + h) * 4
     model, before, _ = train_in_process(cfg)
     logged = records(cfg)
     assert len(logged) == 2 and all("reward" in r and "value_loss" in r for r in logged)
@@ -194,6 +201,27 @@ def test_resume_mid_cycle_reproduces_the_uninterrupted_run(ppo_cfg, lora_reward,
     assert state["step"] == 3 and len(state["windows"]) == 1 and state["moments"]["count"] >= 4
 
 
+def test_validation_prompts_are_scored_without_moving_the_kl_controller(ppo_cfg, lora_reward, dataset_dir):
+    write_json(dataset_dir / "held_out.json", [{"instruction": "Spell cat.", "output": "c a t"},
+                                               {"instruction": "Name a day.", "output": "Monday"}])
+    write_json(dataset_dir / "dataset_info.json", {"prompts": {"file_name": "prompts.json"},
+                                                   "held_out": {"file_name": "held_out.json"}})
+    steps = [f"reward_model.path={lora_reward}", "ppo.epochs=1", "ppo.score_norm=true", "train.max_steps=3"]
+    plain = ppo_cfg(*steps, out="plain")
+    plain_model, _, _ = train_in_process(plain)
+    evaluated = ppo_cfg(*steps, "data.eval_dataset=held_out", "train.eval_steps=1", out="evaluated")
+    model, _, _ = train_in_process(evaluated)
+    a, b = snapshot(plain_model), snapshot(model)
+    assert all(torch.equal(a[n], b[n]) for n in a)  # same weights: evaluation changed no training state
+    trained = [r for r in records(evaluated) if "eval_loss" not in r]
+    assert [r["kl_coef"] for r in trained] == [r["kl_coef"] for r in records(plain)]
+    evals = [r for r in records(evaluated) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3]
+    for key in ("eval_reward", "eval_kl", "eval_value_loss", "eval_response_length", "eval_reward_normalized"):
+        assert key in evals[0], key
+    assert 0 < evals[0]["eval_response_length"] <= 6
+
+
 def test_ppo_config_keys_and_rules(ppo_cfg, lora_reward):
     from tuneforge.config.llamafactory import map_key
     from tuneforge.errors import ConfigError
@@ -219,5 +247,22 @@ def test_ppo_config_keys_and_rules(ppo_cfg, lora_reward):
         ppo_cfg(f"reward_model.path={lora_reward}", "reward_model.quantization_bit=4")
     with pytest.raises(ConfigError, match="ppo.epochs"):
         ppo_cfg(f"reward_model.path={lora_reward}", "ppo.epochs=0")
-    with pytest.raises(ConfigError, match="no validation"):
-        ppo_cfg(f"reward_model.path={lora_reward}", "data.val_size=0.5")
+
+
+def test_llamafactorys_ppo_example_runs_unchanged(tmp_path, tiny_model_dir, lora_reward):
+    """LLaMA-Factory's llama3_lora_ppo.yaml (v0.9.3, its last PPO example): flat `reward_model: path`, its generation
+    keys; only the model, output and sizes change."""
+    from tuneforge.cli.main import main
+    from tuneforge.config import load
+
+    example = Path(__file__).parents[1] / "fixtures" / "llamafactory" / "llama3_lora_ppo_v0.9.3.yaml"
+    cfg = load(example)
+    assert (cfg.stage, cfg.reward_model.path, cfg.reward_model.type) == ("ppo", "saves/llama3-8b/lora/reward", "lora")
+    assert (cfg.generation.max_new_tokens, cfg.generation.top_k, cfg.generation.top_p) == (512, 0, 0.9)
+    out = tmp_path / "ppo"
+    assert main(["train", str(example), "--model_name_or_path", str(tiny_model_dir), "--reward_model",
+                 str(lora_reward), "--output_dir", str(out), "--template", "chatml", "--max_samples", "4",
+                 "--max_steps", "2", "--max_new_tokens", "6", "--gradient_accumulation_steps", "1",
+                 "--cutoff_len", "96"]) == 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == 2 and "reward" in logged[-1]

@@ -21,6 +21,20 @@ def test_examples_exist_for_each_stage_and_method():
             "llamafactory_sft_lora"} <= names
 
 
+def tiny_reward_adapter(model_dir: Path, folder: Path) -> Path:
+    """An rm-style LoRA adapter with a value head on the tiny model, as stage rm saves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.models.valuehead import ValueHead, save_value_head
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(folder)
+    save_value_head(folder, ValueHead(base.config.hidden_size))
+    return folder
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_starts_with_its_command_and_runs_two_steps(path, tmp_path, tiny_model_dir):
     first = path.read_text(encoding="utf-8").splitlines()[0]
@@ -31,6 +45,8 @@ def test_example_starts_with_its_command_and_runs_two_steps(path, tmp_path, tiny
         overrides.append("data.template=chatml")
     if load(path).finetune.method == "freeze":
         overrides.append("finetune.freeze.trainable_layers=1")  # the tiny model has 2 layers
+    if load(path).stage == "ppo":  # the reward model the example names comes from another example's run
+        overrides.append(f"reward_model.path={tiny_reward_adapter(tiny_model_dir, tmp_path / 'rm')}")
     assert main(["train", str(path), *overrides]) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2

@@ -65,7 +65,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def _merge_top(tree: dict[str, Any], raw: dict[str, Any], source: str) -> None:
     for key, value in lf.precedence_order(raw.items()):
-        if key in SECTIONS:
+        if key in SECTIONS and key != "stage" and not isinstance(value, dict) and lf.is_lf_key(key):
+            _assign_lf(tree, key, value)  # LLaMA-Factory's flat `reward_model: path` (our section's name)
+        elif key in SECTIONS:
             if key != "stage" and not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a section (a mapping), got {value!r}")
             if key == "stage":
@@ -81,7 +83,7 @@ def _merge_top(tree: dict[str, Any], raw: dict[str, Any], source: str) -> None:
 
 
 def _assign_lf(tree: dict[str, Any], key: str, value: Any) -> None:
-    if key in SECTIONS and key != "stage":
+    if key in SECTIONS and key != "stage" and (isinstance(value, dict) or not lf.is_lf_key(key)):
         raise ConfigError(f"'{key}' is a section, not a value; set one of its keys, e.g. {key}.KEY=value")
     if not lf.is_lf_key(key):
         known = list(lf.MAPPING) + list(SECTIONS)

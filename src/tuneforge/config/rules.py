@@ -37,8 +37,8 @@ def validate(cfg: RunConfig, source: str) -> None:
         if cfg.stage != "grpo":  # pref_beta also sets grpo.beta, whose 0 (no KL) is no valid dpo/kto beta
             check_dpo(cfg.dpo)
             check_kto(cfg.kto)
-        check_grpo(cfg.grpo, cfg.stage, cfg.data)
-        check_ppo(cfg.ppo, cfg.reward_model, cfg.stage, cfg.data, cfg.finetune)
+        check_grpo(cfg.grpo, cfg.stage)
+        check_ppo(cfg.ppo, cfg.reward_model, cfg.stage, cfg.finetune)
         check_sft(cfg.sft, cfg.stage)
         check_reference(cfg.reference, cfg.stage, cfg.dpo, cfg.finetune, cfg.sft, cfg.grpo)
     except ConfigError as err:
@@ -240,14 +240,11 @@ def check_kto(kto: KTOConfig) -> None:
         raise ConfigError(f"kto.ftx must be >= 0, got {kto.ftx}")
 
 
-def check_grpo(grpo: GRPOConfig, stage: str, data: DataConfig) -> None:
+def check_grpo(grpo: GRPOConfig, stage: str) -> None:
     """Groups of at least two, usable clipping and KL, at least one reward function with at most one weight each."""
     if stage == "grpo" and not grpo.reward_funcs:
         raise ConfigError("stage grpo needs at least one reward function: set grpo.reward_funcs (reward_funcs), "
                           "e.g. ['rewards.py:my_reward'] or a built-in name")
-    if stage == "grpo" and (data.val_size or data.eval_dataset):
-        raise ConfigError("stage grpo has no validation yet (data.val_size / data.eval_dataset); remove them and "
-                          "follow the reward metrics of training")
     if grpo.num_generations < 2:
         raise ConfigError(f"grpo.num_generations (num_generations) must be >= 2 (advantages compare completions of "
                           f"one prompt), got {grpo.num_generations}")
@@ -264,8 +261,7 @@ def check_grpo(grpo: GRPOConfig, stage: str, data: DataConfig) -> None:
         raise ConfigError("grpo.completions_logged must be >= 0 and grpo.completions_log_steps >= 1")
 
 
-def check_ppo(ppo: PPOConfig, reward: RewardModelConfig, stage: str, data: DataConfig,
-              finetune: FinetuneConfig) -> None:
+def check_ppo(ppo: PPOConfig, reward: RewardModelConfig, stage: str, finetune: FinetuneConfig) -> None:
     """A reward model of a usable type (lora only on a LoRA policy, api an http(s) URL) and usable PPO settings."""
     if reward.quantization_bit not in (None, 4, 8):
         raise ConfigError(f"reward_model.quantization_bit: {reward.quantization_bit} is not supported; use 4 or 8")
@@ -294,9 +290,6 @@ def check_ppo(ppo: PPOConfig, reward: RewardModelConfig, stage: str, data: DataC
                           f"http://127.0.0.1:8000/v1/score/evaluation), got {reward.path!r}")
     if reward.type != "api" and is_url:
         raise ConfigError(f"reward_model.path is a URL ({reward.path}); set reward_model.type=api to score through it")
-    if data.val_size or data.eval_dataset:
-        raise ConfigError("stage ppo has no validation yet (data.val_size / data.eval_dataset); remove them and "
-                          "follow the reward metrics of training")
 
 
 def check_sft(sft: SFTConfig, stage: str) -> None:

@@ -142,10 +142,22 @@ def format_match(pattern: str = DEFAULT_FORMAT) -> RewardFn:
 # ------------------------------------------------------------------------------------------ length
 
 
+# Scripts written without spaces between words: each character counts as one word (as word processors count
+# East Asian text). Han (with extension A and compatibility ideographs), kana, Hangul syllables.
+CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
+WORD = re.compile(f"[{CJK}]|[^\\s{CJK}]+")
+
+
+def count_words(text: str) -> int:
+    """Words of a text: runs of non-space characters, each CJK character (Han, kana, Hangul) a word of its own."""
+    return len(WORD.findall(text))
+
+
 @BUILTINS.register("length")
 def length(max_words: int | None = None, max_tokens: int | None = None) -> RewardFn:
-    """1.0 for a completion of at most the limit (words split on whitespace, or completion tokens), then
-    1 - (n - limit) / limit, floored at 0 (so 0 from twice the limit). Default: max_words 50."""
+    """1.0 for a completion of at most the limit (words: `count_words`, so Chinese counts character by character;
+    or completion tokens), then 1 - (n - limit) / limit, floored at 0 (so 0 from twice the limit). Default:
+    max_words 50."""
     if max_words is not None and max_tokens is not None:
         raise ConfigError("reward function 'length': set max_words or max_tokens, not both")
     limit = max_tokens if max_tokens is not None else (max_words if max_words is not None else 50)
@@ -160,7 +172,7 @@ def length(max_words: int | None = None, max_tokens: int | None = None) -> Rewar
             if completion_ids is None:
                 raise ConfigError("reward function 'length' with max_tokens needs completion_ids")
             return [score(len(ids)) for ids in completion_ids]
-        return [score(len(completion_text(c).split())) for c in completions]
+        return [score(count_words(completion_text(c))) for c in completions]
 
     return length
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -46,6 +47,7 @@ class Stage(ABC):
     columns: ClassVar[tuple[str, ...]] = ("input_ids", "labels")
     reports_perplexity: ClassVar[bool] = False  # eval loss is a token cross-entropy (pt, sft)
     progress_metrics: ClassVar[dict[str, str]] = {}  # metric -> short label for the progress bar
+    run_dir: Path | None = None  # the folder of the run being trained (set by the loop), for the stage's own files
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -84,6 +86,10 @@ class Stage(ABC):
         reference = getattr(self, "reference", None)
         return reference.model if reference is not None else None
 
+    def reward_model(self) -> nn.Module | None:
+        """A separately loaded reward model (counted in the plan's memory), if the stage holds one."""
+        return None
+
     def precompute_reference(self, rows: list[list[Row]], model: nn.Module, batch_size: int, cache: Any) -> None:
         """Compute reference log-probs once (stages with a reference implement this)."""
         from tuneforge.errors import ConfigError
@@ -93,6 +99,12 @@ class Stage(ABC):
     def prepare_step(self, model: nn.Module, parts: list[list[Row]], acc: Any) -> list[list[Row]] | None:
         """Called with all of a step's forward passes before any of them (e.g. KTO's KL estimate over the window);
         online stages return the rows to train on instead (micro-batches, cut into forward passes by the loop)."""
+        return None
+
+    def eval_step(self, model: nn.Module, rows: list[Row], acc: Any, index: int) -> \
+            tuple[list[Row], dict[str, Tensor]] | None:
+        """Online stages: the rows to evaluate for these validation prompts (generated, the same sample at every
+        evaluation: seeded by `index`, the batch's position) and the rollout's metrics; None: evaluate `rows`."""
         return None
 
     @abstractmethod

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -190,9 +191,10 @@ class GRPOStage(Stage):
                 f"prompts x {s.num_generations} = {prompts * s.num_generations} completions, up to "
                 f"{prompts * s.num_generations * s.max_completion_length:,} generated tokens; reference: {ref}")
 
-    def rollout_tokens(self, batch_size: int, longest_prompt: int) -> int:
-        """Tokens of one training forward pass (for the plan's memory estimate): batch x G completion rows."""
-        return batch_size * self.settings.num_generations * (longest_prompt + self.settings.max_completion_length)
+    def rollout_shape(self, batch_size: int, longest_prompt: int) -> tuple[int, int]:
+        """Rows and longest row of a forward pass over a rollout (the plan's memory estimate): batch x G
+        completions of up to the longest prompt + max_completion_length tokens."""
+        return batch_size * self.settings.num_generations, longest_prompt + self.settings.max_completion_length
 
     # ------------------------------------------------------------------------------------------------ rollout
 
@@ -201,33 +203,48 @@ class GRPOStage(Stage):
         the current rollout again."""
         s = self.settings
         if self.rollout is None or self.step % s.num_iterations == 0:
-            self.rollout = self.make_rollout(model, parts, acc)
+            seed = step_seed(self.run.train.seed, self.step, acc.process_index)
+            self.rollout, self.rollout_metrics = self.make_rollout(model, parts, acc, seed)
         self.step += 1
         self.emit_rollout_metrics = True
         return self.rollout
 
-    def make_rollout(self, model: nn.Module, parts: list[list[Row]], acc: Any) -> list[list[Row]]:
-        """Generate, score, compute advantages (and old / reference log-probs where needed)."""
+    def eval_step(self, model: nn.Module, rows: list[Row], acc: Any, index: int) -> \
+            tuple[list[Row], dict[str, Tensor]]:
+        """num_generations completions of each validation prompt (seeded by the batch's index, so every evaluation
+        samples alike), scored: eval_reward, eval_rewards/<fn>/mean ... and the loss at the rollout."""
+        seed = step_seed(self.run.train.seed, -1 - index, acc.process_index)
+        micro, values = self.make_rollout(model, [rows], acc, seed, training=False)
+        return micro[0], {name: metric(v, 1.0) for name, v in values.items()
+                          if v is not None and not name.startswith("timing/")}
+
+    def make_rollout(self, model: nn.Module, parts: list[list[Row]], acc: Any, seed: int, training: bool = True) \
+            -> tuple[list[list[Row]], dict[str, float | None]]:
+        """Generate, score, compute advantages (and old / reference log-probs where needed): the micro-batches
+        of completion rows and the rollout's metrics. Evaluation (training False) logs no completions and keeps
+        batch-scaled advantages to this process (its batches are not in step with the others')."""
         s = self.settings
         g = s.num_generations
         generated: list[list[list[int]]] = []
-        with rollout_mode(model, step_seed(self.run.train.seed, self.step, acc.process_index)) as device:
+        started = time.perf_counter()
+        with rollout_mode(model, seed) as device:
             for part in parts:
                 generated.append(self.generate(model, [r["input_ids"] for r in part], device))
         prompts = [r for part in parts for r in part]
         outputs = [ids for part in generated for ids in part]  # [P * G] raw generated ids
         completions, truncated = cut_at_stop(outputs, self.stop_ids())
+        generation_s = time.perf_counter() - started
         texts = [self.decode(ids) for ids in completions]
         repeated = [p for p in prompts for _ in range(g)]
         columns = self.columns_of(repeated)
         rewards, per_function, names = self.rewards([r["prompt"] for r in repeated], texts, completions, columns)
-        if s.scale_rewards == "batch" and acc.num_processes > 1:  # the std of every process's rewards
+        if s.scale_rewards == "batch" and acc.num_processes > 1 and training:  # the std of every process's rewards
             everything = acc.gather(rewards.to(acc.device)).cpu()
             start = acc.process_index * rewards.numel()
             advantages = group_advantages(everything, g, "batch")[start:start + rewards.numel()]
         else:
             advantages = group_advantages(rewards, g, s.scale_rewards)
-        self.rollout_metrics = self.metrics_of(rewards, per_function, names, completions, truncated)
+        values = self.metrics_of(rewards, per_function, names, completions, truncated)
         rows = [{"input_ids": list(p["input_ids"]) + c, "labels": [IGNORE_INDEX] * len(p["input_ids"]) + c,
                  "advantage": float(a), "truncated": t}
                 for p, c, a, t in zip(repeated, completions, advantages.tolist(), truncated)]
@@ -237,8 +254,11 @@ class GRPOStage(Stage):
             start += len(part) * g
         if s.num_iterations > 1 or s.beta > 0:
             self.add_fixed_logps(model, micro, device)
-        self.log_completions(acc, repeated, texts, rewards, per_function, names, advantages)
-        return micro
+        if training:
+            self.log_completions(acc, repeated, texts, rewards, per_function, names, advantages)
+        values["timing/generation_s"] = generation_s
+        values["timing/rollout_s"] = time.perf_counter() - started
+        return micro, values
 
     def generate(self, model: nn.Module, prompts: list[list[int]], device: torch.device) -> list[list[int]]:
         """G sampled continuations of each prompt (repeated contiguously), left-padded into one batch."""
@@ -307,10 +327,14 @@ class GRPOStage(Stage):
             lines.append(json.dumps({"step": self.step + 1, "prompt": prompts[i]["prompt"], "completion": texts[i],
                                      "reward": float(rewards[i]), "rewards": scores,
                                      "advantage": float(advantages[i])}, ensure_ascii=False))
-        path = Path(self.run.output.dir) / COMPLETIONS_FILE
+        path = self.completions_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in lines))
+
+    def completions_path(self) -> Path:
+        """<run>/completions.jsonl (the folder the loop trains in: a scratch folder when --plan measures steps)."""
+        return (self.run_dir or Path(self.run.output.dir)) / COMPLETIONS_FILE
 
     # --------------------------------------------------------------------------------------------- training
 
@@ -378,7 +402,7 @@ class GRPOStage(Stage):
         self.step = int(state.get("step", 0))
         self.rollout = state.get("rollout")
         self.rollout_metrics = state.get("rollout_metrics") or {}
-        path = Path(self.run.output.dir) / COMPLETIONS_FILE
+        path = self.completions_path()
         if path.is_file() and os.environ.get("RANK", "0") == "0":
             lines = path.read_text(encoding="utf-8").splitlines()
             kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -291,9 +292,14 @@ class PPOStage(Stage):
                 f"{s.init_kl_coef:g} -> target {s.target:g}; reward model ({self.run.reward_model.type}): {reward}; "
                 f"value head {critic}; reference: {ref}")
 
-    def rollout_tokens(self, batch_size: int, longest_prompt: int) -> int:
-        """Tokens of one training forward pass (the plan's memory estimate): prompts plus completions."""
-        return batch_size * (longest_prompt + self.run.generation.max_new_tokens)
+    def rollout_shape(self, batch_size: int, longest_prompt: int) -> tuple[int, int]:
+        """Rows and longest row of a forward pass over a rollout (the plan's memory estimate): one completion of
+        up to max_new_tokens per prompt."""
+        return batch_size, longest_prompt + self.run.generation.max_new_tokens
+
+    def reward_model(self) -> nn.Module | None:
+        """The separately loaded reward model (reward_model.type=full), for the plan's memory."""
+        return self.reward.model if self.reward is not None else None
 
     # ------------------------------------------------------------------------------------------------ rollout
 
@@ -305,26 +311,41 @@ class PPOStage(Stage):
         if position == 0:
             self.windows = []
         if index >= len(self.windows):  # first pass over this window (or a run resumed without it)
-            self.windows.append(self.make_window(model, parts, acc))
+            seed = step_seed(self.run.train.seed, self.step, acc.process_index)
+            self.windows.append(self.make_window(model, parts, acc, seed))
         window = self.windows[index]
         self.step += 1
         self.current = window["metrics"]
         self.emit_rollout_metrics = True
         return window["micro"]
 
-    def make_window(self, model: nn.Module, parts: list[list[Row]], acc: Any) -> dict[str, Any]:
-        """Generate, score, then old log-probs and values, reference log-probs, rewards, advantages and returns."""
+    def eval_step(self, model: nn.Module, rows: list[Row], acc: Any, index: int) -> \
+            tuple[list[Row], dict[str, Tensor]]:
+        """One completion per validation prompt (seeded by the batch's index, so every evaluation samples alike),
+        scored: eval_reward, eval_kl, eval_response_length and the losses at the rollout (eval_value_loss: the
+        critic's error). The KL controller and the running score moments are left as they are."""
+        seed = step_seed(self.run.train.seed, -1 - index, acc.process_index)
+        window = self.make_window(model, [rows], acc, seed, training=False)
+        return window["micro"][0], {name: metric(total, count) for name, (total, count) in window["metrics"].items()
+                                    if not name.startswith("timing/")}
+
+    def make_window(self, model: nn.Module, parts: list[list[Row]], acc: Any, seed: int,
+                    training: bool = True) -> dict[str, Any]:
+        """Generate, score, then old log-probs and values, reference log-probs, rewards, advantages and returns.
+        Evaluation (training False) neither updates the KL controller nor the score moments."""
         s, gen = self.settings, self.run.generation
         temperature, top_p, top_k = self.sampling
         stop_ids = template_stop_ids(self.tokenizer, self.template)
         prompts = [r for part in parts for r in part]
-        with rollout_mode(model, step_seed(self.run.train.seed, self.step, acc.process_index)) as device:
+        started = time.perf_counter()
+        with rollout_mode(model, seed) as device:
             outputs: list[list[int]] = []
             for part in parts:
                 outputs += sample_completions(model.pretrained_model, [r["input_ids"] for r in part], self.pad_id,
                                               stop_ids, max_new_tokens=gen.max_new_tokens, temperature=temperature,
                                               top_p=top_p, top_k=top_k, repetition_penalty=gen.repetition_penalty)
             completions, _ = cut_at_stop(outputs, stop_ids)
+            generation_s = time.perf_counter() - started
             sequences = [list(p["input_ids"]) + c for p, c in zip(prompts, completions)]
             scores = self.reward.score(model, sequences, self.tokenizer, self.pad_id, device)
             rows = [{"input_ids": seq, "labels": [IGNORE_INDEX] * len(p["input_ids"]) + c}
@@ -352,14 +373,16 @@ class PPOStage(Stage):
         lp, v, ref = grid(logps), grid(values), grid(ref_logps)
         used = scores
         if s.score_norm:
-            self.moments.update(self.gather(acc, scores))
+            if training:
+                self.moments.update(self.gather(acc, scores))
             used = self.moments.normalize(scores)
         kl_coef = self.kl.value
         rewards = ppo_rewards(used, lp, ref, mask, kl_coef)
         advantages, returns = gae(rewards, v, mask, s.gamma, s.lam, s.whiten_rewards)
         seq_kl = ((lp - ref) * mask).sum(1)
-        all_kl = self.gather(acc, seq_kl)
-        self.kl.update(float(all_kl.mean()), all_kl.numel())
+        if training:
+            all_kl = self.gather(acc, seq_kl)
+            self.kl.update(float(all_kl.mean()), all_kl.numel())
         for i, (row, n) in enumerate(zip(rows, lengths)):
             for key, values_ in zip(TOKEN_FIELDS, (lp, v, advantages, returns)):
                 row[key] = values_[i, :n].tolist()
@@ -372,6 +395,8 @@ class PPOStage(Stage):
                    "response_length": [float(sum(lengths)), n]}
         if s.score_norm:
             metrics["reward_normalized"] = [float(used.sum()), n]
+        metrics["timing/generation_s"] = [generation_s, 1.0]
+        metrics["timing/rollout_s"] = [time.perf_counter() - started, 1.0]
         return {"micro": micro, "metrics": metrics}
 
     @staticmethod

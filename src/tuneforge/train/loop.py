@@ -172,6 +172,7 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
     optimizer = build_optimizer(model, train, run.lora, acc.num_processes)
     scheduler = build_scheduler(optimizer, train, plan.total_steps)
     module, optimizer = acc.prepare(LossModule(model, stage), optimizer)
+    stage.run_dir = run.run_dir  # where the stage writes its own files (grpo: completions.jsonl)
     resume = resolve_resume(train.resume_from_checkpoint, run.run_dir)
     state = load_checkpoint(resume, model, optimizer, scheduler, stage) if resume else TrainState()
     main = acc.is_main_process
@@ -270,9 +271,19 @@ def evaluate(module: nn.Module, stage: Stage, rows: list[dict], batch_size: int,
     module.eval()
     mine = rows[acc.process_index::acc.num_processes]
     window = Window()
+    inner = module  # the LossModule inside DDP's (or another wrapper's) .module
+    while not isinstance(inner, LossModule) and isinstance(getattr(inner, "module", None), nn.Module):
+        inner = inner.module
+    model = inner.model
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
-            for part_rows in split_by_tokens(mine[start:start + batch_size], forward_tokens, stage.row_length):
+            batch_rows = mine[start:start + batch_size]
+            with acc.autocast():
+                generated = stage.eval_step(model, batch_rows, acc, start // batch_size)
+            if generated is not None:  # online stages: completions of these prompts, with the rollout's metrics
+                batch_rows, rollout_metrics = generated
+                window.add(torch.zeros(()), 0.0, rollout_metrics)
+            for part_rows in split_by_tokens(batch_rows, forward_tokens, stage.row_length):
                 batch = {k: v.to(acc.device) for k, v in stage.collate(part_rows).items()}
                 with acc.autocast():
                     loss_sum, units, metrics = module(batch)

@@ -39,36 +39,66 @@ class Plan:
     reference_gb: float = 0.0
     estimated_seconds: float | None = None
     optimizer: str = ""
+    reward_model_gb: float = 0.0  # a separately loaded reward model (ppo, reward_model.type=full)
+    generation_gb: float = 0.0  # online stages: KV cache and sampling buffers of one rollout batch
+    rollout_seconds: float | None = None  # online stages: measured rollout time of a step (and generation's share)
+    generation_seconds: float | None = None
+
+
+def model_bytes(model: nn.Module | None) -> int:
+    """Bytes of a model's parameters (0 for none)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 0
 
 
 def make_plan(rows: list[dict], report: EncodeReport, batches: BatchPlan, model: nn.Module,
               precision: str, stage: Any) -> Plan:
-    """Collect the plan's figures (memory includes a separately loaded reference model)."""
+    """Collect the plan's figures (memory includes separately loaded reference and reward models, and for online
+    stages the larger of the training pass and the rollout's generation)."""
     trainable, total = count_parameters(model)
     lengths = [stage.row_length(r) for r in rows]
-    reference = stage.reference_model()
-    ref_bytes = sum(p.numel() * p.element_size() for p in reference.parameters()) if reference is not None else 0
+    ref_bytes = model_bytes(stage.reference_model())
+    reward_bytes = model_bytes(stage.reward_model())
+    shape = stage.rollout_shape(batches.batch_size, max(lengths)) if hasattr(stage, "rollout_shape") else None
+    generation = generation_bytes(model, *shape) if shape else 0
     return Plan(
         rows=len(rows), trained_tokens=report.trained_tokens, input_tokens=sum(lengths),
         truncated=len(report.truncated), dropped=len(report.dropped), no_trained_tokens=len(report.no_trained_tokens),
         batch_size=batches.batch_size, accumulation=batches.accumulation, world_size=batches.world_size,
         steps_per_epoch=batches.steps_per_epoch, total_steps=batches.total_steps,
         epochs=batches.total_steps / batches.steps_per_epoch, trainable_params=trainable, total_params=total,
-        peak_memory_gb=(estimate_memory(model, forward_tokens(stage, batches.batch_size, max(lengths)), precision)
-                        + ref_bytes) / 2**30,
+        peak_memory_gb=(estimate_memory(model, forward_tokens(stage, batches.batch_size, max(lengths)), precision,
+                                        generation) + ref_bytes + reward_bytes) / 2**30,
         precision=precision, stage=stage.describe(), reference_gb=ref_bytes / 2**30,
+        reward_model_gb=reward_bytes / 2**30, generation_gb=generation / 2**30,
     )
 
 
 def forward_tokens(stage: Any, batch_size: int, longest: int) -> int:
     """Tokens of the largest training forward pass: a batch of the longest rows, or an online stage's rollout rows
     (grpo: batch x num_generations completions of the longest prompt + max_completion_length)."""
-    rollout = getattr(stage, "rollout_tokens", None)
-    return rollout(batch_size, longest) if rollout else batch_size * longest
+    if hasattr(stage, "rollout_shape"):
+        sequences, length = stage.rollout_shape(batch_size, longest)
+        return sequences * length
+    return batch_size * longest
 
 
-def estimate_memory(model: nn.Module, tokens: int, precision: str) -> float:
-    """Bytes per process: weights + fp32 grads and AdamW moments of trained weights + activations + loss chunk.
+def generation_bytes(model: nn.Module, sequences: int, length: int) -> int:
+    """A rollout batch's generation memory: the KV cache (keys and values of every layer for `sequences` rows of
+    `length` tokens, in the weights' dtype) plus ~4 fp32 [rows, vocab] buffers of sampling (logits, softmax,
+    top-p's sort)."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", 0)
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
+    dtype_bytes = max((p.element_size() for p in model.parameters() if not p.requires_grad), default=4)
+    kv = 2 * layers * kv_heads * head_dim * sequences * length * dtype_bytes
+    return kv + 4 * sequences * getattr(config, "vocab_size", 0) * 4
+
+
+def estimate_memory(model: nn.Module, tokens: int, precision: str, generation: int = 0) -> float:
+    """Bytes per process: weights + fp32 grads and AdamW moments of trained weights + the larger of the training
+    pass (activations + loss chunk) and an online stage's rollout generation (`generation` bytes).
 
     Activations of a decoder layer are counted as (10 * hidden + 4 * intermediate) values per token (inputs of the
     projections, norms, attention and MLP outputs kept for backward), at 2 bytes under bf16/fp16 and 4 in fp32.
@@ -85,7 +115,7 @@ def estimate_memory(model: nn.Module, tokens: int, precision: str) -> float:
     activations = tokens * layers * (10 * hidden + 4 * inter) * act_bytes
     loss_chunk = min(tokens, CHUNK_TOKENS) * vocab * 4 * 2
     runtime = 600 * 2**20  # the Python process with torch and transformers imported
-    return float(weights + optimizer_and_grads + activations + loss_chunk + runtime)
+    return float(weights + optimizer_and_grads + max(activations + loss_chunk, generation) + runtime)
 
 
 def print_plan(plan: Plan, console: Console | None = None) -> None:
@@ -104,11 +134,19 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         ("stage", plan.stage),
         *([("optimizer", plan.optimizer)] if plan.optimizer else []),
         ("precision", plan.precision),
-        ("peak memory", f"~{plan.peak_memory_gb:.1f} GB per process (estimate"
-                        + (f", {plan.reference_gb:.1f} GB of it the reference model)" if plan.reference_gb else ")")),
+        ("peak memory", f"~{plan.peak_memory_gb:.1f} GB per process (estimate" + "".join(
+            f", {gb:.1f} GB of it the {what}" for what, gb in (("reference model", plan.reference_gb),
+                                                               ("reward model", plan.reward_model_gb)) if gb) + ")"),
     ]
+    if plan.generation_gb:
+        rows.append(("rollout", f"generation needs ~{plan.generation_gb:.2f} GB (KV cache and sampling buffers of "
+                                "one rollout batch) while the training pass's activations are freed"))
     if plan.estimated_seconds is not None:
-        rows.append(("time", f"~{format_seconds(plan.estimated_seconds)} (from two measured steps)"))
+        measured = ""
+        if plan.rollout_seconds is not None:
+            measured = (f"; of a step, ~{plan.rollout_seconds:.1f} s rollout, ~{plan.generation_seconds:.1f} s of it "
+                        "generating")
+        rows.append(("time", f"~{format_seconds(plan.estimated_seconds)} (from two measured steps{measured})"))
     for key, value in rows:
         table.add_row(key, str(value))
     (console or Console(stderr=True)).print(table)
