@@ -31,6 +31,7 @@ from tuneforge.templates import get_template
 from tuneforge.templates.base import Template
 from tuneforge.train.batches import BatchPlan, pack_rows
 from tuneforge.train.checkpoint import list_checkpoints
+from tuneforge.train.distributed import gathered
 from tuneforge.train.loop import FitResult, RunContext, fit
 from tuneforge.train.manifest import update_manifest, write_manifest
 from tuneforge.train.optim import describe_optimizer
@@ -114,9 +115,13 @@ def finish(job: Job, result: FitResult) -> None:
     acc, cfg, run_dir = job.context.accelerator, job.cfg, job.run_dir
     if acc.is_main_process:
         update_manifest(run_dir / "manifest.json", {"training": result.outcome()})
-    if acc.is_main_process and not result.interrupted:
-        final = save_final(run_dir, job.model, job.tokenizer, job.template, cfg)
-        if cfg.eval.after_training:
+    if not result.interrupted:
+        # ZeRO-3 partitions every weight: gather what the final folder holds (trained weights of an adapter
+        # method, the whole model otherwise) on every rank while rank 0 writes it
+        adapter = cfg.finetune.method in ADAPTER_METHODS
+        with gathered([p for p in job.model.parameters() if p.requires_grad or not adapter]):
+            final = save_final(run_dir, job.model, job.tokenizer, job.template, cfg) if acc.is_main_process else None
+        if acc.is_main_process and cfg.eval.after_training:
             evaluate_final(cfg, run_dir, final)
     if acc.is_main_process and cfg.output.plot_loss:
         plot_loss(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots" / "loss.png")
@@ -167,11 +172,13 @@ def evaluate_only(cfg: RunConfig, plan_only: bool) -> Path:
 
 
 def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
-    """An Accelerator with the resolved precision ('auto' -> bf16 where the device supports it)."""
+    """An Accelerator with the resolved precision ('auto' -> bf16 where the device supports it): DDP, or DeepSpeed
+    with train.deepspeed; its process group must be as large as the launcher promised."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     from tuneforge.devices import cpu_bf16_supported
+    from tuneforge.train.distributed import check_world_size
 
     cuda = torch.cuda.is_available() and train_cfg.device != "cpu"
     precision = train_cfg.precision
@@ -189,8 +196,16 @@ def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
 
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
-    acc = Accelerator(cpu=not cuda, mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
-                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train_cfg.ddp_timeout))])
+    timeout = timedelta(seconds=train_cfg.ddp_timeout)
+    if train_cfg.deepspeed:
+        from tuneforge.train.distributed import make_deepspeed_accelerator
+
+        acc = make_deepspeed_accelerator(train_cfg.deepspeed, train_cfg.batch_size, train_cfg.max_grad_norm,
+                                         precision, cuda, timeout)
+    else:
+        acc = Accelerator(cpu=not cuda, mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
+                          kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+    check_world_size(acc)
     set_seed(train_cfg.seed)
     return acc, precision
 

@@ -77,8 +77,8 @@ def test_llamafactory_flags_without_a_file():
 
 
 def test_unsupported_llamafactory_key_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="'deepspeed: ds_z3.json' .* not supported by tuneforge: multi-GPU"):
-        load(write(tmp_path, "deepspeed: ds_z3.json\n"))
+    with pytest.raises(ConfigError, match="'fsdp: full_shard' .* not supported by tuneforge: FSDP"):
+        load(write(tmp_path, "fsdp: full_shard\n"))
 
 
 def test_unknown_key_has_did_you_mean(tmp_path):

@@ -16,17 +16,18 @@ from tuneforge.cli.main import main
 LF = Path(__file__).parents[1] / "fixtures" / "llamafactory"
 EXAMPLES = LF / "examples"
 SIZES = ["max_samples=8", "cutoff_len=96", "max_steps=2", "preprocessing_num_workers=1", "dataloader_num_workers=0"]
-# Examples that need DeepSpeed ([4/6]) or Ray: refused, naming the key.
-REFUSED = {
-    "train_lora/qwen3_lora_sft_ds3.yaml": "deepspeed",
-    "train_full/qwen3_full_sft.yaml": "deepspeed",
-    "extras/asft/qwen2_full_asft.yaml": "deepspeed",
-    "extras/asft/llama2_full_asft.yaml": "deepspeed",
-    "train_lora/qwen3_lora_sft_ray.yaml": "ray_num_workers",
-}
+# Examples that need Ray: refused, naming the key. The ASFT examples name datasets (med, math) that LF's data
+# folder does not register: the error names the dataset, as LF's would.
+REFUSED = {"train_lora/qwen3_lora_sft_ray.yaml": "ray_num_workers",
+           "extras/asft/llama2_full_asft.yaml": "dataset 'med' is not registered",
+           "extras/asft/qwen2_full_asft.yaml": "dataset 'math' is not registered"}
+# DeepSpeed examples run under torchrun with 2 processes in tests/train/test_deepspeed.py; the ASFT ones (whose
+# point is the loss) run here in one process without their `deepspeed` key.
+UNDER_TORCHRUN = {"train_lora/qwen3_lora_sft_ds3.yaml", "train_full/qwen3_full_sft.yaml"}
 TRAINING = sorted(
     str(p.relative_to(EXAMPLES)) for p in EXAMPLES.glob("*/**/*.yaml")
     if p.parts[-2] not in {"merge_lora", "inference"} and "predict" not in p.name and "preprocess" not in p.name
+    and str(p.relative_to(EXAMPLES)) not in UNDER_TORCHRUN
 )
 # Sizes that must shrink with the tiny model (hidden 64, 2 layers).
 EXTRA_SIZES = {"galore_rank": 4, "apollo_rank": 4, "oft_block_size": 8}
@@ -44,7 +45,7 @@ def sized(example: str) -> list[str]:
 
 
 def test_the_examples_are_lfs_text_model_examples():
-    assert len(TRAINING) >= 19
+    assert len(TRAINING) >= 17
     assert set(REFUSED) <= set(TRAINING)
 
 
@@ -62,7 +63,7 @@ def test_training_example_runs(example, tmp_path, tiny_model_dir, capsys):
         raw_sizes = []
     paths = [f"model_name_or_path={model}", f"output_dir={out}", f"dataset_dir={LF / 'data'}"]
     if "deepspeed" in raw:
-        paths.append(f"deepspeed={EXAMPLES / 'deepspeed' / Path(raw['deepspeed']).name}")
+        paths.append("deepspeed=")
     code = main(["train", str(EXAMPLES / example), *paths, *SIZES, *sized(example), *raw_sizes])
     err = capsys.readouterr().err
     if example in REFUSED:

@@ -325,6 +325,7 @@ MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "dataloader_num_workers": _to("train.dataloader_workers"),
     "group_by_length": _to("train.group_by_length"),
     "ddp_timeout": _to("train.ddp_timeout"),
+    "deepspeed": _to("train.deepspeed"),
     "output_dir": _to_all("output.dir", "eval.lf_dir"),
     "max_new_tokens": _to("generation.max_new_tokens"),
     "temperature": _to("generation.temperature"),
@@ -405,7 +406,7 @@ NO_EFFECT: dict[str, str] = {
 UNSUPPORTED: dict[str, str] = {
     key: reason
     for reason, keys in {
-        "multi-GPU back-ends other than DDP are not wired up yet": ["deepspeed", "fsdp", "fsdp_config"],
+        "FSDP is not wired up yet (DDP and DeepSpeed are)": ["fsdp", "fsdp_config"],
         "exports are safetensors only (the legacy .bin format can run code when loaded)": ["export_legacy_format"],
         "tuneforge tokenizes the whole dataset once (cached, or saved with tokenized_path) and computes the "
         "batch order from (seed, step) so runs resume exactly, which a stream cannot give; for large data use "

@@ -319,6 +319,9 @@ class TrainConfig:
     """Background processes loading batches."""
     ddp_timeout: int = 1800
     """Seconds a distributed process waits for the others."""
+    deepspeed: str | None = None
+    """A DeepSpeed JSON config (e.g. LLaMA-Factory's examples/deepspeed/ds_z3_config.json): ZeRO stage 0-3 and
+    offload; its "auto" values are filled from this config (micro-batch, clipping, precision)."""
     neftune_alpha: float | None = None
     """NEFTune: add uniform noise of size alpha / sqrt(length * hidden) to the input embeddings while training."""
 

@@ -233,10 +233,11 @@ def merge_adapters(model: nn.Module, adapters: list[str]) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count their packed elements twice."""
+    """(trainable, total) parameter counts; 4-bit weights count their packed elements twice, and weights that
+    DeepSpeed ZeRO-3 partitioned at load time their whole size (ds_numel)."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel() * (2 if param.__class__.__name__ == "Params4bit" else 1)
+        n = getattr(param, "ds_numel", None) or param.numel() * (2 if param.__class__.__name__ == "Params4bit" else 1)
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total

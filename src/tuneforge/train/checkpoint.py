@@ -35,20 +35,33 @@ def checkpoint_dir(output: Path, step: int) -> Path:
     return output / "checkpoints" / f"step-{step}"
 
 
+def in_progress(folder: Path) -> Path:
+    """The folder a checkpoint is written into before it is renamed into place."""
+    return folder.with_name(folder.name + ".tmp")
+
+
+def start_checkpoint(folder: Path) -> Path:
+    """A fresh in-progress folder (DeepSpeed's ranks write their partitions into it before rank 0 completes it)."""
+    tmp = in_progress(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState,
                     save_adapter: Any = None, stage_state: dict[str, Any] | None = None,
-                    names: set[str] | None = None) -> None:
+                    names: set[str] | None = None, started: bool = False) -> None:
     """Write everything needed to continue exactly; rename into place only when complete.
 
     names: the parameters to save (default: those requiring gradients now; BAdam marks only its active block).
+    optimizer None: its state is saved elsewhere (DeepSpeed's partitions, already in the started folder).
     """
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = in_progress(folder) if started else start_checkpoint(folder)
     weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
                if (n in names if names is not None else p.requires_grad)}
     save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     if save_adapter is not None:
@@ -60,10 +73,24 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: A
     tmp.rename(folder)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, stage: Any = None) -> TrainState:
-    """Restore weights, optimizer, schedule, RNG and the stage's running state; return the saved position."""
-    load_weights(folder, model)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, stage: Any = None,
+                    engine: Any = None) -> TrainState:
+    """Restore weights, optimizer, schedule, RNG and the stage's running state; return the saved position.
+    engine: a DeepSpeedEngine, which reads its own partition of weights and optimizer (every rank calls this)."""
+    from tuneforge.train.distributed import ENGINE_TAG
+
+    if engine is not None:
+        if not (folder / ENGINE_TAG).is_dir():
+            raise ConfigError(f"{folder}: not a DeepSpeed checkpoint (no {ENGINE_TAG}/); resume it without "
+                              "train.deepspeed, or start a new run")
+        engine.load_checkpoint(str(folder), tag=ENGINE_TAG, load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+    else:
+        if (folder / ENGINE_TAG).is_dir():
+            raise ConfigError(f"{folder} was written under DeepSpeed (train.deepspeed); resume it with the same "
+                              "DeepSpeed config")
+        load_weights(folder, model)
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
     if stage is not None and (folder / STAGE_FILE).is_file():

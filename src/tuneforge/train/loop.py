@@ -22,12 +22,15 @@ from tuneforge.train.batches import BatchPlan, epoch_of, split_by_tokens, step_b
 from tuneforge.train.checkpoint import (
     TrainState,
     checkpoint_dir,
+    in_progress,
     load_checkpoint,
     load_weights,
     prune_checkpoints,
     resolve_resume,
     save_checkpoint,
+    start_checkpoint,
 )
+from tuneforge.train.distributed import ENGINE_TAG, deepspeed_engine, gathered
 from tuneforge.train.optim import build_optimizer, build_scheduler
 from tuneforge.train.tracking import Progress, Tracker
 
@@ -39,6 +42,13 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
         self.stage = stage
+
+    @property
+    def config(self) -> Any:
+        """The model's config (accelerate sizes DeepSpeed's "auto" ZeRO buckets from its hidden size)."""
+        from tuneforge.stages.base import unwrap_causal_lm
+
+        return getattr(unwrap_causal_lm(self.model), "config", None)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         out = self.stage.loss(self.model, batch)
@@ -171,10 +181,13 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
     trained_names = {n for n, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(model, train, run.lora, acc.num_processes)
     scheduler = build_scheduler(optimizer, train, plan.total_steps)
+    # The scheduler stays the loop's to step, also under DeepSpeed (it sets the lr of the optimizer's groups,
+    # which ZeRO's optimizer shares): handed to the engine it was stepped twice per step.
     module, optimizer = acc.prepare(LossModule(model, stage), optimizer)
+    engine = deepspeed_engine(acc, module)
     stage.run_dir = run.run_dir  # where the stage writes its own files (grpo: completions.jsonl)
     resume = resolve_resume(train.resume_from_checkpoint, run.run_dir)
-    state = load_checkpoint(resume, model, optimizer, scheduler, stage) if resume else TrainState()
+    state = load_checkpoint(resume, model, optimizer, scheduler, stage, engine) if resume else TrainState()
     main = acc.is_main_process
     tracker = Tracker(run.run_dir, train.report_to, run.logging_dir or run.run_dir / "tensorboard",
                       state.step if resume else None, run.tracker_config) if main else None
@@ -203,6 +216,8 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
             global_units = int(_sum(acc, sum(stage.units(rows) for rows in micro)))
             for i, rows in enumerate(micro):
                 batch = {k: v.to(acc.device) for k, v in stage.collate(rows).items()}
+                if engine is not None:  # DeepSpeed reduces and steps at the step's last micro-batch only
+                    acc.gradient_state._set_sync_gradients(i == len(micro) - 1)
                 sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(module)
                 with sync, acc.autocast():
                     loss_sum, units, metrics = module(batch)
@@ -210,7 +225,7 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
                 window.add(loss_sum, float(units), metrics)
                 session_tokens += sum(stage.row_length(r) for r in rows) * acc.num_processes
                 padded_tokens += batch["input_ids"].numel() * acc.num_processes
-            grad_norm = _clip(acc, params, train.max_grad_norm)
+            grad_norm = _clip(acc, params, train.max_grad_norm, engine)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -243,13 +258,13 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
                     stop_early = best.update(state.step, metrics, kept or state.step == plan.total_steps)
                     state.best = best.state()
             if train.save_steps and state.step % train.save_steps == 0 and state.step < plan.total_steps:
-                _save(run, model, optimizer, scheduler, state, stage, train.save_total_limit, trained_names)
+                _save(run, model, optimizer, scheduler, state, stage, train.save_total_limit, trained_names, engine)
         interrupted = state.step < plan.total_steps and not stop_early
         if stop_early:
             progress.write(f"early stopping at step {state.step}: {best.metric} has not improved for "
                            f"{best.bad_evals} evaluations (best {best.value:.4g})")
         if interrupted:
-            _save(run, model, optimizer, scheduler, state, stage, train.save_total_limit, trained_names)
+            _save(run, model, optimizer, scheduler, state, stage, train.save_total_limit, trained_names, engine)
             progress.write(f"interrupted: checkpoint saved at step {state.step}; rerun with "
                            "train.resume_from_checkpoint=auto to continue")
     progress.close()
@@ -257,7 +272,12 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
         tracker.close()
     weights_step = state.step
     if best and train.load_best_model_at_end and not interrupted and best.step not in (None, state.step):
-        load_weights(checkpoint_dir(run.run_dir, best.step), model)  # the final weights become the best ones
+        best_dir = checkpoint_dir(run.run_dir, best.step)  # the final weights become the best ones
+        if engine is not None:
+            engine.load_checkpoint(str(best_dir), tag=ENGINE_TAG, load_optimizer_states=False,
+                                   load_lr_scheduler_states=False)
+        else:
+            load_weights(best_dir, model)
         weights_step = best.step
         progress.write(f"loaded the best weights: step {best.step} ({best.metric} {best.step_value:.4g})")
     reason = "interrupted" if interrupted else "early_stopping" if stop_early else "completed"
@@ -296,13 +316,24 @@ def evaluate(module: nn.Module, stage: Stage, rows: list[dict], batch_size: int,
 
 
 def _save(run: RunContext, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState, stage: Stage,
-          keep: int | None, names: set[str] | None = None) -> None:
+          keep: int | None, names: set[str] | None = None, engine: Any = None) -> None:
+    """A checkpoint, written by rank 0 (DDP: every rank holds the same state). Under DeepSpeed every rank first
+    writes its ZeRO partition (model and optimizer) into the folder being made, and ZeRO-3's weights are gathered
+    on every rank while rank 0 writes the trained weights and the adapter."""
     acc = run.accelerator
-    if acc.is_main_process:
-        save_checkpoint(checkpoint_dir(run.run_dir, state.step), model, optimizer, scheduler, state,
-                        run.save_weights, stage.state_dict(), names)
-        best_step = state.best.get("step")
-        prune_checkpoints(run.run_dir, keep, checkpoint_dir(run.run_dir, best_step) if best_step else None)
+    folder = checkpoint_dir(run.run_dir, state.step)
+    if engine is not None:
+        if acc.is_main_process:
+            start_checkpoint(folder)
+        acc.wait_for_everyone()
+        engine.save_checkpoint(str(in_progress(folder)), tag=ENGINE_TAG)
+    trained = [p for n, p in model.named_parameters() if (n in names if names is not None else p.requires_grad)]
+    with gathered(trained):
+        if acc.is_main_process:
+            save_checkpoint(folder, model, None if engine is not None else optimizer, scheduler, state,
+                            run.save_weights, stage.state_dict(), names, started=engine is not None)
+            best_step = state.best.get("step")
+            prune_checkpoints(run.run_dir, keep, checkpoint_dir(run.run_dir, best_step) if best_step else None)
     acc.wait_for_everyone()
 
 
@@ -312,7 +343,10 @@ def _sum(acc: Any, value: float | Tensor) -> Tensor:
     return acc.reduce(tensor, reduction="sum").cpu()[0] if acc.num_processes > 1 else tensor.cpu()[0]
 
 
-def _clip(acc: Any, params: list[nn.Parameter], max_norm: float) -> float:
+def _clip(acc: Any, params: list[nn.Parameter], max_norm: float, engine: Any = None) -> float:
+    if engine is not None:  # DeepSpeed clipped (gradient_clipping = max_grad_norm) and stepped at the boundary
+        norm = engine.get_global_grad_norm()  # None where the engine keeps none (ZeRO-0 without clipping)
+        return float(norm) if norm is not None else 0.0
     grads = [p.grad for p in params if p.grad is not None]
     if max_norm > 0 and not any(g.is_sparse for g in grads):
         return float(acc.clip_grad_norm_(params, max_norm))

@@ -1,0 +1,179 @@
+"""DeepSpeed ZeRO through accelerate with tuneforge's loop: real 2-process runs of the tiny model over gloo
+(ZeRO-2/3 against DDP, ZeRO-3 resume), LLaMA-Factory's own DeepSpeed examples under torchrun, and the config
+checks (in-process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tuneforge.errors import ConfigError
+from tuneforge.train.distributed import fill_deepspeed_config, read_deepspeed_config
+
+LF = Path(__file__).parents[1] / "fixtures" / "llamafactory"
+DS = LF / "examples" / "deepspeed"
+
+
+def write_config(tmp_path: Path, model: Path, out: str, **train) -> Path:
+    cfg = {"model": {"path": str(model)}, "finetune": {"method": "lora"},
+           "data": {"dataset": ["identity"], "template": "chatml", "cutoff_len": 128, "max_samples": 24,
+                    "cache_dir": str(tmp_path / "cache")},
+           "train": {"batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-3, "max_steps": 3,
+                     "logging_steps": 1, "save_steps": 0, "group_by_length": False, **train},
+           "output": {"dir": str(tmp_path / out), "plot_loss": False}}
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def torchrun(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node 2 -m tuneforge ...` (gloo on this CPU host)."""
+    from tests.train.test_loop import free_port
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "tuneforge", *args], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in load_file(str(run / "adapter" / "adapter_model.safetensors")).items()}
+
+
+def worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    """DDP in fp32 and bf16: the references (2 processes each)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        path = write_config(tmp, tiny_model_dir, f"ddp-{precision}", precision=precision)
+        torchrun("train", str(path))
+        runs[precision] = tmp / f"ddp-{precision}"
+    return runs
+
+
+def test_zero3_in_fp32_matches_ddp(ddp_runs, tmp_path, tiny_model_dir):
+    # Same math as DDP: accumulation boundary, loss normalisation over ranks, scheduler, clipping.
+    path = write_config(tmp_path, tiny_model_dir, "z3", precision="fp32", deepspeed=str(DS / "ds_z3_config.json"))
+    done = torchrun("train", str(path))
+    assert "x 2 process(es)" in done.stderr
+    ours, ref = records(tmp_path / "z3"), records(ddp_runs["fp32"])
+    assert [r["lr"] for r in ours] == [r["lr"] for r in ref]
+    for a, b in zip(ours, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                 rel=1e-3)
+    assert worst(adapter(tmp_path / "z3"), adapter(ddp_runs["fp32"])) < 1e-5
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_lora_bf16_matches_ddp_within_bf16_tolerance(stage, ddp_runs, tmp_path, tiny_model_dir):
+    # DeepSpeed's bf16 casts the whole module (LoRA weights too, fp32 master copies in the optimizer) where DDP
+    # autocasts: the same run up to bf16 rounding. AdamW moves each weight by at most ~lr per step.
+    path = write_config(tmp_path, tiny_model_dir, f"z{stage}", precision="bf16",
+                        deepspeed=str(DS / f"ds_z{stage}_config.json"))
+    torchrun("train", str(path))
+    ours, ref = records(tmp_path / f"z{stage}"), records(ddp_runs["bf16"])
+    assert [r["step"] for r in ours] == [1, 2, 3]
+    for a, b in zip(ours, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3)
+    assert worst(adapter(tmp_path / f"z{stage}"), adapter(ddp_runs["bf16"])) < 3 * 1e-3
+
+
+def test_zero3_resume_gives_the_same_weights(tmp_path, tiny_model_dir):
+    settings = dict(precision="bf16", deepspeed=str(DS / "ds_z3_config.json"), max_steps=4, save_steps=2)
+    whole = write_config(tmp_path, tiny_model_dir, "whole", **settings)
+    torchrun("train", str(whole))
+    step2 = tmp_path / "whole" / "checkpoints" / "step-2"
+    assert sorted(p.name for p in (step2 / "deepspeed").iterdir()) == [
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    # the checkpoint's user-facing adapter holds the gathered weights, not ZeRO-3's empty partitions
+    saved = load_file(str(step2 / "adapter" / "adapter_model.safetensors"))
+    assert all(t.numel() > 0 for t in saved.values())
+    # a run that starts from the step-2 checkpoint (as after a kill) ends where the whole run ended
+    resumed = write_config(tmp_path, tiny_model_dir, "resumed", resume_from_checkpoint="auto", **settings)
+    shutil.copytree(step2, tmp_path / "resumed" / "checkpoints" / "step-2")
+    done = torchrun("train", str(resumed))
+    assert "resumed from" in done.stderr
+    assert worst(adapter(tmp_path / "resumed"), adapter(tmp_path / "whole")) == 0.0
+    assert [r["loss"] for r in records(tmp_path / "resumed")] == [r["loss"] for r in records(tmp_path / "whole")[2:]]
+
+
+@pytest.mark.parametrize("example", ["train_lora/qwen3_lora_sft_ds3.yaml", "train_full/qwen3_full_sft.yaml"])
+def test_llamafactorys_deepspeed_examples_run_under_torchrun(example, tmp_path, tiny_model_dir):
+    # LF's files unchanged (deepspeed: examples/deepspeed/ds_z3_config.json, relative to LF's folder, as LF runs
+    # them); only the model, output and sizes change.
+    out = tmp_path / "run"
+    torchrun("train", str(LF / "examples" / example), f"model_name_or_path={tiny_model_dir}", f"output_dir={out}",
+             "max_samples=8", "cutoff_len=96", "max_steps=2", "preprocessing_num_workers=1",
+             "dataloader_num_workers=0", "save_steps=1", cwd=LF)
+    assert records(out)[-1]["step"] == 2
+    weights = out / ("adapter/adapter_model.safetensors" if "lora" in example else "model/model.safetensors")
+    assert weights.is_file()
+    assert (out / "checkpoints" / "step-1" / "deepspeed").is_dir()
+
+
+# ------------------------------------------------------------------------------------ config checks (in-process)
+
+
+def test_autos_are_filled_from_the_run_config():
+    filled = fill_deepspeed_config(read_deepspeed_config(str(DS / "ds_z3_config.json")), 4, 0.5, "bf16", "z3")
+    assert filled["train_micro_batch_size_per_gpu"] == 4 and filled["gradient_accumulation_steps"] == 1
+    assert filled["gradient_clipping"] == 0.5 and filled["train_batch_size"] == "auto"
+    assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
+    assert filled["zero_optimization"]["stage"] == 3
+
+
+def test_broken_deepspeed_configs_give_one_message(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 3,}}', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad.json is not valid JSON: .* line 1, column 35"):
+        read_deepspeed_config(str(bad))
+    bad.write_text('{"zero_optimization": {"stage": 4}}', encoding="utf-8")
+    with pytest.raises(ConfigError, match="zero_optimization.stage 4 does not exist"):
+        read_deepspeed_config(str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        read_deepspeed_config(str(tmp_path / "missing.json"))
+    config = {"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 2}}
+    with pytest.raises(ConfigError, match="train.gradient_accumulation_steps"):
+        fill_deepspeed_config(config, 2, 1.0, "bf16", "ds.json")
+    with pytest.raises(ConfigError, match="train.precision is fp32"):
+        fill_deepspeed_config({"bf16": {"enabled": True}}, 2, 1.0, "fp32", "ds.json")
+
+
+def test_a_world_size_the_group_does_not_have_is_refused(monkeypatch):
+    from tuneforge.train.distributed import check_world_size
+
+    class Alone:  # what accelerate reports when the launcher's processes failed to form one group
+        num_processes = 1
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="WORLD_SIZE.*each process would train on its own"):
+        check_world_size(Alone())
+
+
+def test_the_deepspeed_key_maps_from_llamafactory():
+    from tuneforge.config.llamafactory import map_key
+
+    assert map_key("deepspeed", "examples/deepspeed/ds_z3_config.json")[0] == [
+        ("train.deepspeed", "examples/deepspeed/ds_z3_config.json")]
