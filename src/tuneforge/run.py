@@ -31,7 +31,7 @@ from tuneforge.templates import get_template
 from tuneforge.templates.base import Template
 from tuneforge.train.batches import BatchPlan, pack_rows
 from tuneforge.train.checkpoint import list_checkpoints
-from tuneforge.train.distributed import gathered
+from tuneforge.train.distributed import gathered, read_deepspeed_config, zero_stage
 from tuneforge.train.loop import FitResult, RunContext, fit
 from tuneforge.train.manifest import update_manifest, write_manifest
 from tuneforge.train.optim import describe_optimizer
@@ -95,7 +95,8 @@ def prepare(cfg: RunConfig, plan_only: bool = False) -> Job:
     batches = BatchPlan(len(train_rows), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
                         acc.num_processes, cfg.train.epochs, cfg.train.max_steps, cfg.train.shuffle,
                         cfg.train.data_seed)
-    plan = make_plan(train_rows, data.report, batches, model, precision, stage)
+    plan = make_plan(train_rows, data.report, batches, model, precision, stage,
+                     zero_stage(read_deepspeed_config(cfg.train.deepspeed)) if cfg.train.deepspeed else None)
     context = RunContext(run_dir, acc, batches, save_weights_fn(model, tokenizer, template, cfg),
                          group_by_length=cfg.train.group_by_length, forward_tokens=forward_tokens(cfg.train),
                          tracker_config=to_dict(cfg),

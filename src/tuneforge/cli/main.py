@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         if rest and not getattr(args, "accepts_overrides", False):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         overrides, flags = split_extra(rest)
+        args.argv = argv[argv.index(args.command) + 1:] if getattr(args, "command", None) in argv else argv
         return int(args.handler(args, overrides, flags) or 0)
     except TuneforgeError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Configs take dotted overrides (train.learning_rate=2e-4) and LLaMA-Factory flags (--learning_rate 2e-4).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     info_cmds.register(sub)
     data_cmds.register(sub)
     train_cmd.register(sub)

@@ -17,11 +17,18 @@ def register(sub: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any]) -> int:
-    """Load the config and run training; Ctrl-C saves a checkpoint and exits with 130."""
+    """Load the config and run training; Ctrl-C saves a checkpoint and exits with 130. Several GPUs (or
+    FORCE_TORCHRUN=1) re-launch the command under torchrun, as LLaMA-Factory's CLI does."""
+    import subprocess
+
     from tuneforge.config import load
     from tuneforge.run import train
+    from tuneforge.train.distributed import torchrun_command
 
-    cfg = load(args.config, overrides, flags)
+    cfg = load(args.config, overrides, flags)  # a bad config fails here, once, before any launch
+    command = None if args.plan else torchrun_command(getattr(args, "argv", []))
+    if command is not None:
+        return subprocess.run(command).returncode
     try:
         run_dir = train(cfg, plan_only=args.plan)
     except KeyboardInterrupt:

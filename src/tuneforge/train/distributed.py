@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -158,3 +159,31 @@ def gathered(params: list[nn.Parameter]) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield
+
+
+def torchrun_command(argv: list[str]) -> list[str] | None:
+    """The torchrun command `tuneforge train` re-launches itself with (LLaMA-Factory's launcher rule), or None.
+
+    It re-launches when not already under a launcher (no WORLD_SIZE / LOCAL_RANK) and either FORCE_TORCHRUN is set
+    or several GPUs are visible, honouring LLaMA-Factory's NNODES, NODE_RANK, NPROC_PER_NODE (default: the GPU count,
+    1 without GPUs), MASTER_ADDR (127.0.0.1) and MASTER_PORT (a free port; set it when there are several nodes)."""
+    import torch
+
+    if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
+        return None
+    force = os.environ.get("FORCE_TORCHRUN", "").strip().lower() in ("1", "true", "yes", "y")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not force and gpus <= 1:
+        return None
+    env = os.environ
+    nnodes = env.get("NNODES", "1")
+    if int(nnodes) > 1 and not env.get("MASTER_PORT"):
+        raise ConfigError("NNODES > 1: set MASTER_ADDR and MASTER_PORT to the same values on every node")
+    port = env.get("MASTER_PORT")
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes, "--node_rank", env.get("NODE_RANK", "0"),
+            "--nproc_per_node", env.get("NPROC_PER_NODE", str(max(gpus, 1))), "--master_addr",
+            env.get("MASTER_ADDR", "127.0.0.1"), "--master_port", port, "-m", "tuneforge", "train", *argv]

@@ -43,6 +43,7 @@ class Plan:
     generation_gb: float = 0.0  # online stages: KV cache and sampling buffers of one rollout batch
     rollout_seconds: float | None = None  # online stages: measured rollout time of a step (and generation's share)
     generation_seconds: float | None = None
+    zero_stage: int | None = None  # DeepSpeed ZeRO stage of the run (memory is per process under it)
 
 
 def model_bytes(model: nn.Module | None) -> int:
@@ -51,7 +52,7 @@ def model_bytes(model: nn.Module | None) -> int:
 
 
 def make_plan(rows: list[dict], report: EncodeReport, batches: BatchPlan, model: nn.Module,
-              precision: str, stage: Any) -> Plan:
+              precision: str, stage: Any, zero_stage: int | None = None) -> Plan:
     """Collect the plan's figures (memory includes separately loaded reference and reward models, and for online
     stages the larger of the training pass and the rollout's generation)."""
     trainable, total = count_parameters(model)
@@ -67,7 +68,8 @@ def make_plan(rows: list[dict], report: EncodeReport, batches: BatchPlan, model:
         steps_per_epoch=batches.steps_per_epoch, total_steps=batches.total_steps,
         epochs=batches.total_steps / batches.steps_per_epoch, trainable_params=trainable, total_params=total,
         peak_memory_gb=(estimate_memory(model, forward_tokens(stage, batches.batch_size, max(lengths)), precision,
-                                        generation) + ref_bytes + reward_bytes) / 2**30,
+                                        generation, zero_stage, batches.world_size) + ref_bytes + reward_bytes) / 2**30,
+        zero_stage=zero_stage,
         precision=precision, stage=stage.describe(), reference_gb=ref_bytes / 2**30,
         reward_model_gb=reward_bytes / 2**30, generation_gb=generation / 2**30,
     )
@@ -96,17 +98,33 @@ def generation_bytes(model: nn.Module, sequences: int, length: int) -> int:
     return kv + 4 * sequences * getattr(config, "vocab_size", 0) * 4
 
 
-def estimate_memory(model: nn.Module, tokens: int, precision: str, generation: int = 0) -> float:
+def full_numel(p: nn.Parameter) -> int:
+    """A parameter's whole size (ZeRO-3 may have partitioned it at load time)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def estimate_memory(model: nn.Module, tokens: int, precision: str, generation: int = 0,
+                    zero_stage: int | None = None, world: int = 1) -> float:
     """Bytes per process: weights + fp32 grads and AdamW moments of trained weights + the larger of the training
     pass (activations + loss chunk) and an online stage's rollout generation (`generation` bytes).
+
+    Under DeepSpeed ZeRO (zero_stage) over `world` processes: stage 1 shards the optimizer state (with the fp32
+    master copy DeepSpeed keeps of bf16/fp16 weights), stage 2 also the gradients, stage 3 also the weights.
 
     Activations of a decoder layer are counted as (10 * hidden + 4 * intermediate) values per token (inputs of the
     projections, norms, attention and MLP outputs kept for backward), at 2 bytes under bf16/fp16 and 4 in fp32.
     """
     config = getattr(model, "config", None)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer_and_grads = trainable * 4 * 3
+    weights = sum(full_numel(p) * p.element_size() for p in model.parameters())
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    grads, optimizer = trainable * 4, trainable * 4 * 2
+    if zero_stage is not None:
+        shards = max(world, 1)
+        optimizer += trainable * 4 if precision != "fp32" else 0  # DeepSpeed's fp32 master weights
+        optimizer /= shards if zero_stage >= 1 else 1
+        grads /= shards if zero_stage >= 2 else 1
+        weights /= shards if zero_stage >= 3 else 1
+    optimizer_and_grads = grads + optimizer
     act_bytes = 4 if precision == "fp32" else 2
     hidden = getattr(config, "hidden_size", 0)
     inter = getattr(config, "intermediate_size", 4 * hidden)
@@ -134,7 +152,9 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         ("stage", plan.stage),
         *([("optimizer", plan.optimizer)] if plan.optimizer else []),
         ("precision", plan.precision),
-        ("peak memory", f"~{plan.peak_memory_gb:.1f} GB per process (estimate" + "".join(
+        ("peak memory", f"~{plan.peak_memory_gb:.1f} GB per process (estimate"
+         + (f", DeepSpeed ZeRO-{plan.zero_stage} over {plan.world_size} process(es)"
+            if plan.zero_stage is not None else "") + "".join(
             f", {gb:.1f} GB of it the {what}" for what, gb in (("reference model", plan.reference_gb),
                                                                ("reward model", plan.reward_model_gb)) if gb) + ")"),
     ]

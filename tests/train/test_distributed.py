@@ -1,6 +1,6 @@
-"""DeepSpeed ZeRO through accelerate with tuneforge's loop: real 2-process runs of the tiny model over gloo
-(ZeRO-2/3 against DDP, ZeRO-3 resume), LLaMA-Factory's own DeepSpeed examples under torchrun, and the config
-checks (in-process)."""
+"""Launches beyond one process with tuneforge's loop: real 2-process runs of the tiny model over gloo (DeepSpeed
+ZeRO-2/3 against DDP, ZeRO-3 resume, two nodes through tuneforge's torchrun re-launch), LLaMA-Factory's own
+DeepSpeed examples under torchrun, and the config and launcher checks (in-process)."""
 
 from __future__ import annotations
 
@@ -133,6 +133,29 @@ def test_llamafactorys_deepspeed_examples_run_under_torchrun(example, tmp_path, 
     assert (out / "checkpoints" / "step-1" / "deepspeed").is_dir()
 
 
+def test_two_nodes_through_the_relaunch_match_one_node(ddp_runs, tmp_path, tiny_model_dir):
+    # Two `tuneforge train` commands, each one node of one process (LLaMA-Factory's NNODES / NODE_RANK /
+    # NPROC_PER_NODE / MASTER_ADDR / MASTER_PORT, FORCE_TORCHRUN: tuneforge re-launches itself under torchrun),
+    # rendezvous on 127.0.0.1 and train what one node with 2 processes trained.
+    from tests.train.test_loop import free_port
+
+    path = write_config(tmp_path, tiny_model_dir, "nodes", precision="fp32")
+    port = str(free_port())
+    procs = []
+    for rank in ("0", "1"):
+        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
+        env.update(FORCE_TORCHRUN="1", NNODES="2", NODE_RANK=rank, NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outputs]
+    assert "x 2 process(es)" in outputs[0][1]
+    assert [r["loss"] for r in records(tmp_path / "nodes")] == pytest.approx(
+        [r["loss"] for r in records(ddp_runs["fp32"])], rel=1e-6)
+    assert worst(adapter(tmp_path / "nodes"), adapter(ddp_runs["fp32"])) < 1e-6
+
+
 # ------------------------------------------------------------------------------------ config checks (in-process)
 
 
@@ -177,3 +200,40 @@ def test_the_deepspeed_key_maps_from_llamafactory():
 
     assert map_key("deepspeed", "examples/deepspeed/ds_z3_config.json")[0] == [
         ("train.deepspeed", "examples/deepspeed/ds_z3_config.json")]
+
+
+def test_the_relaunch_follows_llamafactorys_environment(monkeypatch):
+    from tuneforge.train.distributed import torchrun_command
+
+    for key in ("WORLD_SIZE", "LOCAL_RANK", "FORCE_TORCHRUN", "NNODES", "NODE_RANK", "NPROC_PER_NODE",
+                "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert torchrun_command(["cfg.yaml"]) is None  # one process, no GPUs: no relaunch
+    monkeypatch.setenv("FORCE_TORCHRUN", "1")
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    command = torchrun_command(["cfg.yaml", "train.max_steps=3"])
+    assert command[1:] == ["-m", "torch.distributed.run", "--nnodes", "1", "--node_rank", "0", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", "29555", "-m", "tuneforge", "train",
+                           "cfg.yaml", "train.max_steps=3"]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # already under a launcher
+    assert torchrun_command(["cfg.yaml"]) is None
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("NNODES", "2")
+    monkeypatch.delenv("MASTER_PORT")
+    with pytest.raises(ConfigError, match="MASTER_PORT"):
+        torchrun_command(["cfg.yaml"])
+
+
+def test_the_plan_shards_memory_by_zero_stage(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.train.plan import estimate_memory
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)  # full tuning, fp32
+    n = sum(p.numel() for p in model.parameters())
+    plain = estimate_memory(model, 256, "fp32")
+    # per process, over 2: stage 1 halves AdamW's 8 bytes per weight, stage 2 also the 4 bytes of gradient,
+    # stage 3 also the 4 bytes of weight (fp32 needs no master copy)
+    saved = {stage: plain - estimate_memory(model, 256, "fp32", zero_stage=stage, world=2) for stage in (0, 1, 2, 3)}
+    assert saved == {0: 0, 1: 4 * n, 2: 6 * n, 3: 8 * n}
