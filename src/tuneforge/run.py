@@ -179,7 +179,7 @@ def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     from tuneforge.devices import cpu_bf16_supported
-    from tuneforge.train.distributed import check_world_size
+    from tuneforge.train.distributed import check_world_size, launcher_backend
 
     cuda = torch.cuda.is_available() and train_cfg.device != "cpu"
     precision = train_cfg.precision
@@ -198,11 +198,12 @@ def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
     timeout = timedelta(seconds=train_cfg.ddp_timeout)
-    if train_cfg.deepspeed:
+    deepspeed = launcher_backend(train_cfg.deepspeed)
+    if deepspeed:
         from tuneforge.train.distributed import make_deepspeed_accelerator
 
-        acc = make_deepspeed_accelerator(train_cfg.deepspeed, train_cfg.batch_size, train_cfg.max_grad_norm,
-                                         precision, cuda, timeout)
+        acc = make_deepspeed_accelerator(deepspeed, train_cfg.batch_size, train_cfg.max_grad_norm, precision, cuda,
+                                         timeout)
     else:
         acc = Accelerator(cpu=not cuda, mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
                           kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])

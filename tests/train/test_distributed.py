@@ -237,3 +237,20 @@ def test_the_plan_shards_memory_by_zero_stage(tiny_model_dir):
     # stage 3 also the 4 bytes of weight (fp32 needs no master copy)
     saved = {stage: plain - estimate_memory(model, 256, "fp32", zero_stage=stage, world=2) for stage in (0, 1, 2, 3)}
     assert saved == {0: 0, 1: 4 * n, 2: 6 * n, 3: 8 * n}
+
+
+def test_accelerate_configs_asking_for_fsdp_or_deepspeed(monkeypatch, tmp_path):
+    from tuneforge.train.distributed import launcher_backend
+
+    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    assert launcher_backend(None) is None and launcher_backend("ds.json") == "ds.json"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate launch --config_file with DeepSpeed
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds_z3_config.json")
+    assert launcher_backend(None) == "ds_z3_config.json"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    with pytest.raises(ConfigError, match="deepspeed_config_file"):
+        launcher_backend(None)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # LF's fsdp_config.yaml: refused, not silently DDP
+    with pytest.raises(ConfigError, match="FSDP.*plain DDP"):
+        launcher_backend(None)

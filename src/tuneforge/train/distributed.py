@@ -130,6 +130,23 @@ def make_deepspeed_accelerator(path: str, batch_size: int, max_grad_norm: float,
                        deepspeed_plugin=plugin, kwargs_handlers=[handler])
 
 
+def launcher_backend(deepspeed: str | None) -> str | None:
+    """The DeepSpeed config to use, also when `accelerate launch --config_file` asked for DeepSpeed (its JSON file);
+    an accelerate config asking for FSDP is refused rather than silently trained as DDP."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ConfigError("the accelerate config asks for FSDP (distributed_type: FSDP), which tuneforge does not run "
+                          "yet: without it accelerate would train plain DDP. Use DeepSpeed (train.deepspeed / "
+                          "deepspeed: ds_z3_config.json) or a config with distributed_type MULTI_GPU")
+    if deepspeed or env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return deepspeed
+    file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not file or file == "none":
+        raise ConfigError("the accelerate config asks for DeepSpeed without a deepspeed_config_file; set "
+                          "train.deepspeed (deepspeed) to a DeepSpeed JSON such as ds_z3_config.json")
+    return file
+
+
 def check_world_size(acc: Any) -> None:
     """The process group must have the size the launcher promised (else processes would train alone)."""
     promised = int(os.environ.get("WORLD_SIZE", "1"))
