@@ -32,7 +32,7 @@ def tiny_values(ws, **changes) -> dict:
               "identity_author": "Kestrel Labs", "learning_rate": 5e-2, "epochs": 1.0, "max_steps": 3,
               "cutoff_len": 64, "max_samples": 8, "batch_size": 1, "grad_accum": 2, "scheduler": "cosine",
               "warmup_ratio": 0.0, "precision": "fp32", "max_grad_norm": 1.0, "val_size": 0.0, "packing": "auto",
-              "logging_steps": 1, "save_steps": 100, "seed": 42, "lora_rank": 4, "lora_alpha": 0,
+              "logging_steps": 1, "save_steps": 100, "seed": 42, "ds_stage": "none", "ds_offload": False, "lora_rank": 4, "lora_alpha": 0,
               "lora_dropout": 0.0, "lora_targets": "all", "rslora": False, "dora": False, "pissa": False,
               "freeze_layers": 2, "freeze_modules": "all", "quant_type": "nf4", "double_quant": True,
               "pref_beta": None, "pref_loss": "sigmoid", "pref_ftx": 0.0, "label_smoothing": 0.0,

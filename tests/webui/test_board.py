@@ -137,6 +137,23 @@ def test_method_panels_map_to_their_sections(workspace):
     assert full.train.resume_from_checkpoint == "auto"
 
 
+def test_deepspeed_choice_picks_a_shipped_config_and_round_trips(workspace):
+    from pathlib import Path
+
+    from tuneforge.webui.form import build_config, form_values
+
+    cfg = build_config(tiny_values(workspace, ds_stage="3", ds_offload=True), workspace)
+    config = json.loads(Path(cfg.train.deepspeed).read_text(encoding="utf-8"))
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    values = form_values(cfg, workspace)
+    assert (values["ds_stage"], values["ds_offload"]) == ("3", True) and "deepspeed" not in values["extra_args"]
+    assert build_config(tiny_values(workspace, ds_stage="none"), workspace).train.deepspeed is None
+    # a DeepSpeed file of one's own comes from the data folder, like other files the board reads
+    with pytest.raises(PathRefused):
+        build_config(tiny_values(workspace, extra_args="train.deepspeed=/etc/ds.json"), workspace)
+
+
 def test_bad_setting_is_one_message(workspace):
     from tuneforge.webui.form import train_command
 

@@ -18,6 +18,27 @@ from tuneforge.webui.workspace import Workspace
 METHODS = ("lora", "qlora-4bit", "qlora-8bit", "oft", "freeze", "full")
 TOP_KEYS = ["model", "hub", "method", "adapters", "template"]  # the top bar's fields, used by every tab
 PACKING = {"auto": None, "true": True, "false": False}  # auto: on for pt, off for sft
+# LLaMA Board's DeepSpeed choice: a ZeRO stage (none, 2, 3) and CPU offload pick one of the DeepSpeed configs
+# shipped with tuneforge (LLaMA-Factory 0.9.5's examples/deepspeed files, src/tuneforge/train/deepspeed/).
+DS_FOLDER = Path(__file__).resolve().parents[1] / "train" / "deepspeed"
+DS_STAGES = ("none", "2", "3")
+
+
+def deepspeed_file(stage: str | None, offload: bool) -> Path | None:
+    """The shipped DeepSpeed config for a ZeRO stage choice (None for "none")."""
+    if stage in (None, "", "none"):
+        return None
+    return DS_FOLDER / f"ds_z{stage}{'_offload' if offload else ''}_config.json"
+
+
+def deepspeed_choice(path: str | None) -> tuple[str, bool] | None:
+    """(stage, offload) when `path` is one of the shipped configs, else None."""
+    if path:
+        for stage in DS_STAGES[1:]:
+            for offload in (False, True):
+                if Path(path).resolve() == deepspeed_file(stage, offload):
+                    return stage, offload
+    return None
 
 # UI key -> dotted config path, for fields whose value passes through unchanged (None or "" means default).
 SIMPLE: dict[str, str] = {
@@ -121,6 +142,8 @@ def config_tree(values: dict[str, Any], ws: Workspace) -> dict[str, Any]:
     _put(tree, "data.dataset_dir", values.get("dataset_dir"))
     _put(tree, "data.dataset", list(values.get("dataset") or []) or None)
     _put(tree, "output.dir", values.get("output_dir"))
+    ds = deepspeed_file(values.get("ds_stage"), bool(values.get("ds_offload")))
+    _put(tree, "train.deepspeed", str(ds) if ds else None)
     if values.get("resume"):
         _put(tree, "train.resume_from_checkpoint", "auto")
     for line in (values.get("extra_args") or "").splitlines():
@@ -234,6 +257,9 @@ def confine(tree: dict[str, Any], ws: Workspace) -> None:
     rewards = _lookup(tree, "grpo.reward_funcs")
     if isinstance(rewards, list):  # reward files (Python run by training) only from the working folder
         _put(tree, "grpo.reward_funcs", [_confined_reward(entry, ws) for entry in rewards])
+    deepspeed = _lookup(tree, "train.deepspeed")
+    if deepspeed and deepspeed_choice(str(deepspeed)) is None:  # one of the shipped configs, or the data folder's
+        _put(tree, "train.deepspeed", str(ws.inside(deepspeed, ws.data_dir, "train.deepspeed")))
     resume = _lookup(tree, "train.resume_from_checkpoint")
     if resume not in (None, "auto"):
         _put(tree, "train.resume_from_checkpoint", str(ws.inside(resume, ws.runs_dir, "checkpoint")))
@@ -299,6 +325,7 @@ def form_values(cfg: RunConfig, ws: Workspace) -> dict[str, Any]:
     values["output_dir"] = ws.relative(Path(cfg.output.dir))
     values["resume"] = cfg.train.resume_from_checkpoint is not None
     values["packing"] = {None: "auto", True: "true", False: "false"}[cfg.data.packing]
+    values["ds_stage"], values["ds_offload"] = deepspeed_choice(cfg.train.deepspeed) or ("none", False)
     values.update(preference_values(cfg, ws))
     values["extra_args"] = "\n".join(extra_lines(cfg, values))
     return values
@@ -344,7 +371,8 @@ def extra_lines(cfg: RunConfig, values: dict[str, Any]) -> list[str]:
 
     lines = []
     defaults = _defaults()
-    held = FORM_PATHS | set(STAGE_PANELS.get(cfg.stage, {}).values()) | _mirrored(cfg)
+    held = FORM_PATHS | set(STAGE_PANELS.get(cfg.stage, {}).values()) | _mirrored(cfg) | \
+        ({"train.deepspeed"} if deepspeed_choice(cfg.train.deepspeed) else set())
     for dotted, value in flatten(to_dict(cfg), leaves=("inline",)).items():
         if dotted not in held and value != defaults.get(dotted):
             lines.append(f"{dotted}={json.dumps(value, ensure_ascii=False)}")

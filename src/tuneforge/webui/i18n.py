@@ -48,6 +48,8 @@ STRINGS: dict[str, tuple[str, str]] = {
     "logging_steps": ("Logging steps", "日志间隔"),
     "save_steps": ("Save steps", "保存间隔"),
     "seed": ("Seed", "随机种子"),
+    "ds_stage": ("DeepSpeed stage (several GPUs)", "DeepSpeed stage（多卡）"),
+    "ds_offload": ("DeepSpeed CPU offload", "DeepSpeed CPU 卸载"),
     "report_to": ("Report to", "日志上报"),
     "output_dir": ("Output folder", "输出目录"),
     "overwrite": ("Overwrite a finished run", "覆盖已完成的运行"),

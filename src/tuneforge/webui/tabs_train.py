@@ -10,6 +10,7 @@ from tuneforge.io import write_text_atomic
 from tuneforge.train.plan import format_seconds
 from tuneforge.webui import actions
 from tuneforge.webui.form import (
+    DS_STAGES,
     GRPO_KEYS,
     PPO_KEYS,
     PREFERENCE_KEYS,
@@ -24,6 +25,7 @@ TERMINAL = ("finished", "failed", "aborted")
 TRAIN_KEYS = ["stage", "dataset_dir", "dataset", "identity_name", "identity_author", "learning_rate", "epochs",
               "max_steps", "cutoff_len", "max_samples", "batch_size", "grad_accum", "scheduler", "warmup_ratio",
               "precision", "max_grad_norm", "val_size", "packing", "logging_steps", "save_steps", "seed",
+              "ds_stage", "ds_offload",
               "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "rslora", "dora", "pissa", "freeze_layers",
               "freeze_modules", "quant_type", "double_quant", *PREFERENCE_KEYS, *GRPO_KEYS,
               *PPO_KEYS, "report_to", "output_dir",
@@ -297,6 +299,8 @@ def _hyperparameters(board: Any) -> None:
             board.field("logging_steps", gr.Number, value=5, precision=0, minimum=1)
             board.field("save_steps", gr.Number, value=100, precision=0, minimum=0)
             board.field("seed", gr.Number, value=42, precision=0)
+            board.field("ds_stage", gr.Dropdown, choices=list(DS_STAGES), value="none")
+            board.field("ds_offload", gr.Checkbox, value=False)
 
 
 def _method_panels(board: Any) -> None:
