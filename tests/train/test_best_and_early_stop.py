@@ -64,6 +64,7 @@ def test_early_stopping_stops_where_the_logged_eval_loss_says(tmp_path, tiny_mod
     assert evals[-1][0] == stop  # no evaluation (or step) after the stop
     manifest = json.loads((run / "manifest.json").read_text())["training"]
     assert manifest["stop_reason"] == "early_stopping" and manifest["steps"] == stop
+    assert 0.1 < manifest["peak_rss_gb"] < 24  # this process's peak resident memory, in GB
     assert manifest["best_model"]["value"] == min(v for _, v in evals)
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "plots" / "loss.png").is_file()
 

@@ -112,7 +112,18 @@ class FitResult:
     def outcome(self) -> dict[str, Any]:
         """How training ended, for the manifest: why it stopped, at which step, whose weights are final."""
         return {"stop_reason": self.stop_reason, "steps": self.state.step,
-                "final_weights_step": self.weights_step or self.state.step, "best_model": self.state.best or None}
+                "final_weights_step": self.weights_step or self.state.step, "best_model": self.state.best or None,
+                **peak_memory()}
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak resident memory, and its peak GPU memory where it used one (GB)."""
+    import resource
+
+    peaks = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return peaks
 
 
 @dataclass
