@@ -63,7 +63,8 @@ class Ctx:
         self.info(a={"file_name": "s.json", "formatting": "sharegpt", **entry})
 
 
-COMMANDS = {"preview": ["data", "preview"], "check": ["data", "check"], "show": ["config", "show"]}
+COMMANDS = {"preview": ["data", "preview"], "check": ["data", "check"], "show": ["config", "show"],
+            "train": ["train"]}
 CASES: list[Any] = []
 
 
@@ -375,9 +376,17 @@ def rule_lora_dropout_out_of_range(c: Ctx) -> list[str]:
     return [c.raw_config("finetune:\n  lora:\n    dropout: 1.5\n")]
 
 
-@case("cfg.yaml", "'deepspeed: ds_z3_config.json' (LLaMA-Factory) is not supported", "Remove the key", cmd="show")
+@case("cfg.yaml", "'fsdp: full_shard' (LLaMA-Factory) is not supported", "Remove the key", cmd="show")
 def unsupported_llamafactory_key(c: Ctx) -> list[str]:
-    return [c.raw_config("model_name_or_path: x\ndeepspeed: ds_z3_config.json\n")]
+    return [c.raw_config("model_name_or_path: x\nfsdp: full_shard\n")]
+
+
+@case("ds.json", "ds.json is not valid JSON: Expecting property name enclosed in double quotes at line 1",
+      cmd="train")
+def deepspeed_json_that_does_not_parse(c: Ctx) -> list[str]:
+    ds = c.tmp / "ds.json"
+    ds.write_text("{'zero_optimization': {}}", encoding="utf-8")
+    return [c.raw_config(f"train:\n  deepspeed: {ds}\n  max_steps: 1\n")]
 
 
 @case("cfg.yaml", "flash_attn: 'bogus' is not one of auto, disabled, sdpa, fa2", cmd="show")
