@@ -33,7 +33,8 @@ EXAMPLES = [
     "extras/llama_pro/llama3_freeze_sft.yaml", "extras/nlg_eval/llama3_lora_predict.yaml",
     "merge_lora/qwen3_lora_sft.yaml", "merge_lora/qwen3_full_sft.yaml", "inference/qwen3.yaml",
     "inference/qwen3_lora_sft.yaml", "inference/qwen3_full_sft.yaml", "deepspeed/ds_z0_config.json",
-    "deepspeed/ds_z2_config.json", "deepspeed/ds_z3_config.json",
+    "deepspeed/ds_z2_config.json", "deepspeed/ds_z3_config.json", "accelerate/fsdp_config.yaml",
+    "accelerate/fsdp2_config.yaml",
 ]
 
 

@@ -376,9 +376,22 @@ def rule_lora_dropout_out_of_range(c: Ctx) -> list[str]:
     return [c.raw_config("finetune:\n  lora:\n    dropout: 1.5\n")]
 
 
-@case("cfg.yaml", "'fsdp: full_shard' (LLaMA-Factory) is not supported", "Remove the key", cmd="show")
+@case("cfg.yaml", "'shift_attn: True' (LLaMA-Factory) is not supported", "Remove the key", cmd="show")
 def unsupported_llamafactory_key(c: Ctx) -> list[str]:
-    return [c.raw_config("model_name_or_path: x\nfsdp: full_shard\n")]
+    return [c.raw_config("model_name_or_path: x\nshift_attn: true\n")]
+
+
+@case("cfg.yaml", "fsdp: option 'hybrid_shard' is not supported", "full_shard", cmd="show")
+def unsupported_fsdp_option(c: Ctx) -> list[str]:
+    return [c.raw_config("model_name_or_path: x\nfsdp: hybrid_shard auto_wrap\n")]
+
+
+@case("cfg.yaml", "FSDP (train.fsdp / fsdp / accelerate's FSDP config) cannot run",
+      "model.quantization_bit", cmd="train")
+def fsdp_where_it_cannot_run(c: Ctx) -> list[str]:
+    return [c.raw_config(f"model_name_or_path: {c.model}\nquantization_bit: 4\nfsdp: full_shard auto_wrap\n"
+                         "dataset: identity\ntemplate: chatml\nfinetuning_type: lora\n"
+                         f"output_dir: {c.tmp / 'fsdp-run'}\n")]
 
 
 @case("ds.json", "ds.json is not valid JSON: Expecting property name enclosed in double quotes at line 1",

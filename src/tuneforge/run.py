@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,7 +32,7 @@ from tuneforge.templates import get_template
 from tuneforge.templates.base import Template
 from tuneforge.train.batches import BatchPlan, pack_rows
 from tuneforge.train.checkpoint import list_checkpoints
-from tuneforge.train.distributed import gathered, read_deepspeed_config, zero_stage
+from tuneforge.train.distributed import full_state, gathered, read_deepspeed_config, zero_stage
 from tuneforge.train.loop import FitResult, RunContext, fit
 from tuneforge.train.manifest import update_manifest, write_manifest
 from tuneforge.train.optim import describe_optimizer
@@ -77,6 +78,7 @@ def train(cfg: RunConfig, plan_only: bool = False) -> Path:
 
 def prepare(cfg: RunConfig, plan_only: bool = False) -> Job:
     """Config -> accelerator, run folder, tokenizer, template, stage, encoded rows, model (+ reference), plan."""
+    cfg = with_launcher(cfg)
     acc, precision = make_accelerator(cfg.train)
     run_dir = prepare_run_dir(cfg.output, cfg.train, plan_only, acc.is_main_process)
     tokenizer = load_tokenizer(cfg.model)
@@ -96,12 +98,14 @@ def prepare(cfg: RunConfig, plan_only: bool = False) -> Job:
                         acc.num_processes, cfg.train.epochs, cfg.train.max_steps, cfg.train.shuffle,
                         cfg.train.data_seed)
     plan = make_plan(train_rows, data.report, batches, model, precision, stage,
-                     zero_stage(read_deepspeed_config(cfg.train.deepspeed)) if cfg.train.deepspeed else None)
+                     zero_stage(read_deepspeed_config(cfg.train.deepspeed)) if cfg.train.deepspeed else None,
+                     cfg.train.fsdp.enabled)
     context = RunContext(run_dir, acc, batches, save_weights_fn(model, tokenizer, template, cfg),
                          group_by_length=cfg.train.group_by_length, forward_tokens=forward_tokens(cfg.train),
                          tracker_config=to_dict(cfg),
                          logging_dir=Path(cfg.output.logging_dir) if cfg.output.logging_dir else None,
-                         lora=cfg.finetune.lora if cfg.finetune.method == "lora" else None)
+                         lora=cfg.finetune.lora if cfg.finetune.method == "lora" else None,
+                         fsdp=cfg.train.fsdp if cfg.train.fsdp.enabled else None)
     plan.optimizer = describe_optimizer(cfg.train, context.lora)
     return Job(cfg, run_dir, tokenizer, template, stage, data, train_rows, val_rows, model, plan, context)
 
@@ -120,8 +124,11 @@ def finish(job: Job, result: FitResult) -> None:
         # ZeRO-3 partitions every weight: gather what the final folder holds (trained weights of an adapter
         # method, the whole model otherwise) on every rank while rank 0 writes it
         adapter = cfg.finetune.method in ADAPTER_METHODS
+        # FSDP: the whole state dict, gathered into rank 0's CPU memory
+        weights = full_state(job.context.sharded, trainable_only=adapter)
         with gathered([p for p in job.model.parameters() if p.requires_grad or not adapter]):
-            final = save_final(run_dir, job.model, job.tokenizer, job.template, cfg) if acc.is_main_process else None
+            final = save_final(run_dir, job.model, job.tokenizer, job.template, cfg, weights) \
+                if acc.is_main_process else None
         if acc.is_main_process and cfg.eval.after_training:
             evaluate_final(cfg, run_dir, final)
     if acc.is_main_process and cfg.output.plot_loss:
@@ -172,22 +179,41 @@ def evaluate_only(cfg: RunConfig, plan_only: bool) -> Path:
     return run_dir
 
 
+def with_launcher(cfg: RunConfig) -> RunConfig:
+    """The config with what the launcher asked for (`accelerate launch --config_file` with a DeepSpeed or FSDP
+    config) merged in; FSDP checked where it is to run."""
+    from tuneforge.train.distributed import check_fsdp, fsdp_from_launcher, launcher_backend
+
+    train_cfg = dataclasses.replace(cfg.train, deepspeed=launcher_backend(cfg.train.deepspeed),
+                                    fsdp=fsdp_from_launcher(cfg.train.fsdp))
+    if train_cfg.fsdp.enabled:
+        check_fsdp(dataclasses.replace(cfg, train=train_cfg), uses_cuda(train_cfg))
+    return dataclasses.replace(cfg, train=train_cfg)
+
+
+def uses_cuda(train_cfg: TrainConfig) -> bool:
+    return torch.cuda.is_available() and train_cfg.device != "cpu"
+
+
 def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
-    """An Accelerator with the resolved precision ('auto' -> bf16 where the device supports it): DDP, or DeepSpeed
-    with train.deepspeed; its process group must be as large as the launcher promised."""
+    """An Accelerator with the resolved precision ('auto' -> bf16 where the device supports it): DDP, DeepSpeed with
+    train.deepspeed, or the plain process group FSDP shards over; it must be as large as the launcher promised."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     from tuneforge.devices import cpu_bf16_supported
-    from tuneforge.train.distributed import check_world_size, launcher_backend
+    from tuneforge.train.distributed import check_world_size, init_single_process_group, without_env
 
-    cuda = torch.cuda.is_available() and train_cfg.device != "cpu"
+    cuda = uses_cuda(train_cfg)
     precision = train_cfg.precision
     if precision == "auto":
         supported = torch.cuda.is_bf16_supported() if cuda else cpu_bf16_supported()
         precision = "bf16" if supported else "fp32"
     if precision == "fp16" and not cuda:
         raise ConfigError("train.precision=fp16 needs a GPU; on CPU use bf16 (or fp32)")
+    if precision == "fp16" and train_cfg.fsdp.enabled:
+        raise ConfigError("FSDP (train.fsdp) cannot run: fp16 needs loss scaling, which the FSDP path does not do; "
+                          "use train.precision=bf16 (bf16: true)")
     from datetime import timedelta
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -198,15 +224,19 @@ def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
     timeout = timedelta(seconds=train_cfg.ddp_timeout)
-    deepspeed = launcher_backend(train_cfg.deepspeed)
-    if deepspeed:
+    if train_cfg.deepspeed:
         from tuneforge.train.distributed import make_deepspeed_accelerator
 
-        acc = make_deepspeed_accelerator(deepspeed, train_cfg.batch_size, train_cfg.max_grad_norm, precision, cuda,
-                                         timeout)
+        acc = make_deepspeed_accelerator(train_cfg.deepspeed, train_cfg.batch_size, train_cfg.max_grad_norm,
+                                         precision, cuda, timeout)
     else:
-        acc = Accelerator(cpu=not cuda, mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
-                          kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+        # Under FSDP accelerate only forms the process group (the loop shards the model itself); told about FSDP
+        # by `accelerate launch`, it would switch to its own FSDP, which it cannot run on a CPU host.
+        with without_env("ACCELERATE_USE_FSDP") if train_cfg.fsdp.enabled else contextlib.nullcontext():
+            acc = Accelerator(cpu=not cuda, mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+        if train_cfg.fsdp.enabled:
+            init_single_process_group(cuda)
     check_world_size(acc)
     set_seed(train_cfg.seed)
     return acc, precision
@@ -273,26 +303,29 @@ def save_weights_fn(model: Any, tokenizer: Any, template: Template, cfg: RunConf
     """Writes a checkpoint's user-facing weights (LoRA adapters only; full weights live in trainable.safetensors)."""
     if cfg.finetune.method not in ADAPTER_METHODS:
         return None
-    return lambda folder: _save_weights(folder, model, tokenizer, template, cfg)
+    return lambda folder, weights=None: _save_weights(folder, model, tokenizer, template, cfg, weights)
 
 
-def save_final(run_dir: Path, model: Any, tokenizer: Any, template: Template, cfg: RunConfig) -> Path:
-    """adapter/ (LoRA) or model/ (full, freeze) with tokenizer, chat template and run info; atomic."""
+def save_final(run_dir: Path, model: Any, tokenizer: Any, template: Template, cfg: RunConfig,
+               weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """adapter/ (LoRA) or model/ (full, freeze) with tokenizer, chat template and run info; atomic.
+    weights: the model's state dict gathered from FSDP's shards (default: the model's own)."""
     target = run_dir / ("adapter" if cfg.finetune.method in ADAPTER_METHODS else "model")
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _save_weights(tmp, model, tokenizer, template, cfg)
+    _save_weights(tmp, model, tokenizer, template, cfg, weights)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
 
 
-def _save_weights(folder: Path, model: Any, tokenizer: Any, template: Template, cfg: RunConfig) -> None:
+def _save_weights(folder: Path, model: Any, tokenizer: Any, template: Template, cfg: RunConfig,
+                  weights: dict[str, torch.Tensor] | None = None) -> None:
     lm, head = (model.pretrained_model, model.v_head) if isinstance(model, WithValueHead) else (model, None)
     if hasattr(lm, "peft_config"):  # only the trained adapter, not a frozen reference copy beside it
-        save_adapter(lm, folder)
+        save_adapter(lm, folder, weights)
     else:
-        lm.save_pretrained(folder, safe_serialization=True)
+        lm.save_pretrained(folder, safe_serialization=True, **({"state_dict": weights} if weights else {}))
     if head is not None:
         save_value_head(folder, head)
     tokenizer.save_pretrained(folder)

@@ -21,12 +21,13 @@ SIZES = ["max_samples=8", "cutoff_len=96", "max_steps=2", "preprocessing_num_wor
 REFUSED = {"train_lora/qwen3_lora_sft_ray.yaml": "ray_num_workers",
            "extras/asft/llama2_full_asft.yaml": "dataset 'med' is not registered",
            "extras/asft/qwen2_full_asft.yaml": "dataset 'math' is not registered"}
-# DeepSpeed examples run under torchrun with 2 processes in tests/train/test_deepspeed.py; the ASFT ones (whose
+# DeepSpeed examples run under torchrun with 2 processes in tests/train/test_distributed.py (and the
+# accelerate/ FSDP configs there under `accelerate launch`); the ASFT ones (whose
 # point is the loss) run here in one process without their `deepspeed` key.
 UNDER_TORCHRUN = {"train_lora/qwen3_lora_sft_ds3.yaml", "train_full/qwen3_full_sft.yaml"}
 TRAINING = sorted(
     str(p.relative_to(EXAMPLES)) for p in EXAMPLES.glob("*/**/*.yaml")
-    if p.parts[-2] not in {"merge_lora", "inference"} and "predict" not in p.name and "preprocess" not in p.name
+    if p.parts[-2] not in {"merge_lora", "inference", "accelerate"} and "predict" not in p.name and "preprocess" not in p.name
     and str(p.relative_to(EXAMPLES)) not in UNDER_TORCHRUN
 )
 # Sizes that must shrink with the tiny model (hidden 64, 2 layers).

@@ -156,6 +156,75 @@ def test_two_nodes_through_the_relaunch_match_one_node(ddp_runs, tmp_path, tiny_
     assert worst(adapter(tmp_path / "nodes"), adapter(ddp_runs["fp32"])) < 1e-6
 
 
+def accelerate_launch(config_file: Path, *args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file FILE -m tuneforge ...` (the file's num_processes: 2)."""
+    from tests.train.test_loop import free_port
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+                           "--main_process_port", str(free_port()), "-m", "tuneforge", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.mark.parametrize("config_file", ["fsdp2_config.yaml", "fsdp_config.yaml"])
+def test_llamafactorys_fsdp_configs_shard_with_fsdp2_and_match_ddp(config_file, ddp_runs, tmp_path, tiny_model_dir):
+    # LF's accelerate configs unchanged (use_cpu: false, FSDP2 / FSDP1 with FULL_SHARD). accelerate itself would
+    # train plain DDP on this CPU host without saying so; tuneforge shards with fully_shard: LoRA with autocast bf16
+    # is then the same computation as DDP's, and the checkpoint holds each rank's shard.
+    path = write_config(tmp_path, tiny_model_dir, "fsdp", precision="bf16", save_steps=2)
+    done = accelerate_launch(LF / "examples" / "accelerate" / config_file, "train", str(path))
+    assert "FSDP2 over 2 process(es)" in done.stderr and done.stdout.count("run folder:") == 1
+    ours, ref = records(tmp_path / "fsdp"), records(ddp_runs["bf16"])
+    for key in ("loss", "grad_norm", "lr"):
+        assert [r[key] for r in ours] == pytest.approx([r[key] for r in ref], rel=1e-6)
+    assert worst(adapter(tmp_path / "fsdp"), adapter(ddp_runs["bf16"])) < 1e-6
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "step-2" / "fsdp").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    if config_file == "fsdp_config.yaml":
+        return
+    # resumed from the step-2 checkpoint (train.fsdp under torchrun this time): the same last step, bit for bit
+    resumed = write_config(tmp_path, tiny_model_dir, "resumed", precision="bf16", save_steps=2,
+                           resume_from_checkpoint="auto", fsdp={"enabled": True})
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step-2", tmp_path / "resumed" / "checkpoints" / "step-2")
+    assert "resumed from" in torchrun("train", str(resumed)).stderr
+    assert worst(adapter(tmp_path / "resumed"), adapter(tmp_path / "fsdp")) == 0.0
+    assert [r["loss"] for r in records(tmp_path / "resumed")] == [r["loss"] for r in records(tmp_path / "fsdp")[2:]]
+
+
+def test_fsdp2_full_finetuning_matches_ddp_and_resumes_exactly(tmp_path, tiny_model_dir):
+    settings = dict(precision="fp32", max_steps=4, save_steps=2)
+    full = {"finetune": {"method": "full"}}
+    runs = {}
+    for name, extra in (("ddp", {}), ("fsdp", {"fsdp": {"enabled": True}})):
+        path = write_config(tmp_path, tiny_model_dir, name, **settings, **extra)
+        cfg = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**cfg, **full}))
+        torchrun("train", str(path))
+        runs[name] = load_file(str(tmp_path / name / "model" / "model.safetensors"))
+    ours, ref = records(tmp_path / "fsdp"), records(tmp_path / "ddp")
+    assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in ref], rel=1e-6)
+    # the norm sums fp32 squares over shards and ranks in another order than DDP's bucketed all-reduce
+    assert [r["grad_norm"] for r in ours] == pytest.approx([r["grad_norm"] for r in ref], rel=5e-4)
+    # every weight moved by the same updates (fp32 sums in another order), the tied head saved once as DDP does
+    assert runs["fsdp"].keys() == runs["ddp"].keys()
+    assert worst(runs["fsdp"], runs["ddp"]) < 1e-6
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert all((runs["fsdp"][k] - start[k]).abs().max() > 0 for k in runs["fsdp"])
+    # the user-facing checkpoint weights are gathered whole (not rank 0's shard)
+    step2 = load_file(str(tmp_path / "fsdp" / "checkpoints" / "step-2" / "trainable.safetensors"))
+    assert {k: tuple(v.shape) for k, v in step2.items() if k in start} == {
+        k: tuple(start[k].shape) for k in step2 if k in start}
+    resumed = write_config(tmp_path, tiny_model_dir, "resumed", resume_from_checkpoint="auto",
+                           fsdp={"enabled": True}, **settings)
+    resumed.write_text(yaml.safe_dump({**yaml.safe_load(resumed.read_text()), **full}))
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step-2", tmp_path / "resumed" / "checkpoints" / "step-2")
+    torchrun("train", str(resumed))
+    assert worst(load_file(str(tmp_path / "resumed" / "model" / "model.safetensors")), runs["fsdp"]) == 0.0
+    assert [r["loss"] for r in records(tmp_path / "resumed")] == [r["loss"] for r in ours[2:]]
+
+
 # ------------------------------------------------------------------------------------ config checks (in-process)
 
 
@@ -251,6 +320,75 @@ def test_accelerate_configs_asking_for_fsdp_or_deepspeed(monkeypatch, tmp_path):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     with pytest.raises(ConfigError, match="deepspeed_config_file"):
         launcher_backend(None)
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # LF's fsdp_config.yaml: refused, not silently DDP
-    with pytest.raises(ConfigError, match="FSDP.*plain DDP"):
-        launcher_backend(None)
+
+
+def test_accelerates_fsdp_settings_become_train_fsdp(monkeypatch):
+    # what `accelerate launch --config_file` puts in the environment for LF's fsdp2_config.yaml / fsdp_config.yaml
+    from tuneforge.config.schema import FsdpConfig
+    from tuneforge.train.distributed import fsdp_from_launcher
+
+    for key in [k for k in os.environ if k.startswith("FSDP_") or k == "ACCELERATE_USE_FSDP"]:
+        monkeypatch.delenv(key)
+    assert fsdp_from_launcher(FsdpConfig()) == FsdpConfig()  # no FSDP asked for
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaDecoderLayer")
+    assert fsdp_from_launcher(FsdpConfig()) == FsdpConfig(enabled=True, reshard_after_forward=False,
+                                                          layer_classes=["LlamaDecoderLayer"])
+    monkeypatch.setenv("FSDP_VERSION", "1")  # FSDP1 runs as FSDP2 with the same sharding
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    assert fsdp_from_launcher(FsdpConfig()) == FsdpConfig(enabled=True, reshard_after_forward=False,
+                                                          offload_params=True, layer_classes=["LlamaDecoderLayer"])
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD")
+    with pytest.raises(ConfigError, match="fsdp_sharding_strategy HYBRID_SHARD is not supported"):
+        fsdp_from_launcher(FsdpConfig())
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP")
+    with pytest.raises(ConfigError, match="SIZE_BASED_WRAP is not supported.*TRANSFORMER_BASED_WRAP"):
+        fsdp_from_launcher(FsdpConfig())
+
+
+def test_llamafactorys_fsdp_keys_map_to_train_fsdp(tmp_path):
+    from tuneforge.config.llamafactory import map_key
+
+    assert map_key("fsdp", "full_shard auto_wrap")[0] == [("train.fsdp.enabled", True),
+                                                          ("train.fsdp.reshard_after_forward", True)]
+    assert map_key("fsdp", ["shard_grad_op", "offload"])[0] == [
+        ("train.fsdp.enabled", True), ("train.fsdp.reshard_after_forward", False), ("train.fsdp.offload_params", True)]
+    assert map_key("fsdp", "")[0] == []
+    file = tmp_path / "fsdp.json"
+    file.write_text(json.dumps({"fsdp_version": 2, "fsdp_reshard_after_forward": False,
+                                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                "activation_checkpointing": True, "cpu_ram_efficient_loading": True}))
+    assert map_key("fsdp_config", str(file))[0] == [
+        ("train.fsdp.reshard_after_forward", False), ("train.fsdp.layer_classes", ["LlamaDecoderLayer"]),
+        ("train.gradient_checkpointing", True)]
+    with pytest.raises(ConfigError, match="fsdp_config: fsdp_version 3 does not exist"):
+        map_key("fsdp_config", {"fsdp_version": 3})
+    with pytest.raises(ConfigError, match="fsdp_config: xla is not a setting tuneforge knows"):
+        map_key("fsdp_config", {"xla": True})
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"train": {"deepspeed": str(DS / "ds_z3_config.json")}}, "use one of DeepSpeed and FSDP"),
+    ({"stage": "grpo", "grpo": {"reward_funcs": ["length"]}}, "the grpo stage generates with the policy"),
+    ({"train": {"optimizer": "adam_mini"}}, "train.optimizer adam_mini does not run on sharded weights"),
+    ({"train": {"fsdp": {"enabled": True, "offload_params": True}}}, "without a GPU everything is in CPU memory"),
+])
+def test_fsdp_where_it_cannot_run_is_one_message(change, message, tmp_path, tiny_model_dir):
+    from tuneforge.config import load
+
+    cfg = yaml.safe_load(write_config(tmp_path, tiny_model_dir, "x").read_text())
+    cfg["train"]["fsdp"] = {"enabled": True}
+    for section, values in change.items():
+        if isinstance(values, dict):
+            cfg[section] = {**cfg.get(section, {}), **values}
+        else:
+            cfg[section] = values
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=f"cfg.yaml: FSDP .* cannot run: .*{message}"):
+        load(str(path))

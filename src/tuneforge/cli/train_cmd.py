@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 
@@ -33,9 +34,21 @@ def cmd_train(args: argparse.Namespace, overrides: list[str], flags: dict[str, A
         run_dir = train(cfg, plan_only=args.plan)
     except KeyboardInterrupt:
         return 130
+    finally:
+        leave_process_group()
+    if os.environ.get("RANK", "0") != "0":  # one summary line per run, not one per process
+        return 0
     if not args.plan and not cfg.train.enabled:  # do_eval / do_predict without do_train
         print(f"evaluated without training: {run_dir / 'eval'}" +
               (f"; LLaMA-Factory's result files: {cfg.eval.lf_dir}" if cfg.eval.lf_dir else ""))
     elif not args.plan:
         print(f"run folder: {run_dir}")
     return 0
+
+
+def leave_process_group() -> None:
+    """Tear the process group down before exit (FSDP's gloo group aborts the process at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

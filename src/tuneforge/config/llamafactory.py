@@ -63,6 +63,76 @@ def _quant_method(value: Any) -> Assignments:
     return []
 
 
+FSDP_OPTIONS = {"full_shard": [("train.fsdp.reshard_after_forward", True)],
+                "shard_grad_op": [("train.fsdp.reshard_after_forward", False)],
+                "offload": [("train.fsdp.offload_params", True)], "auto_wrap": []}
+
+
+def _fsdp(value: Any) -> Assignments:
+    """`train.fsdp` (transformers' fsdp options: full_shard or shard_grad_op, with offload and auto_wrap)"""
+    if value in (None, "", False, []) or isinstance(value, str) and value.lower() in {"none", "false"}:
+        return []
+    items = value if isinstance(value, list) else str(value).split()
+    for item in items:
+        if item not in FSDP_OPTIONS:
+            raise ConfigError(f"fsdp: option {item!r} is not supported; use full_shard or shard_grad_op, optionally "
+                              "with offload and auto_wrap (e.g. fsdp: full_shard auto_wrap)")
+    return [("train.fsdp.enabled", True), *(a for item in items for a in FSDP_OPTIONS[item])]
+
+
+FSDP_CONFIG_INERT = ("backward_prefetch", "forward_prefetch", "limit_all_gathers", "use_orig_params",
+                     "sync_module_states", "cpu_ram_efficient_loading", "state_dict_type", "min_num_params")
+
+
+def _fsdp_config(value: Any) -> Assignments:
+    """`train.fsdp` settings from transformers' fsdp_config (a mapping or a JSON file): version 1 or 2 (both run as
+    FSDP2), reshard_after_forward, offload_params, transformer_layer_cls_to_wrap, activation_checkpointing"""
+    import json
+    from pathlib import Path
+
+    if value in (None, "", {}):
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(Path(value).read_text(encoding="utf-8-sig"))
+        except OSError:
+            raise ConfigError(f"fsdp_config: {value} not found; give a mapping or a JSON file") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"fsdp_config: {value} is not valid JSON: {err.msg} at line {err.lineno}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"fsdp_config must be a mapping or a JSON file, got {type(value).__name__}")
+    out: Assignments = []
+    for raw, item in value.items():
+        key = raw[5:] if raw.startswith("fsdp_") else raw
+        if key == "version":
+            if item not in (1, 2, "1", "2"):
+                raise ConfigError(f"fsdp_config: {raw} {item!r} does not exist; use 1 or 2 (both run as FSDP2)")
+        elif key == "reshard_after_forward":
+            table = {True: True, False: False, "FULL_SHARD": True, "SHARD_GRAD_OP": False, "true": True,
+                     "false": False}
+            if item not in table:
+                raise ConfigError(f"fsdp_config: {raw} {item!r} is not supported; use true or false")
+            out.append(("train.fsdp.reshard_after_forward", table[item]))
+        elif key == "offload_params":
+            out.append(("train.fsdp.offload_params", _truthy(item)))
+        elif key == "transformer_layer_cls_to_wrap":
+            out.append(("train.fsdp.layer_classes", item if isinstance(item, list) else
+                        [c.strip() for c in str(item).split(",") if c.strip()]))
+        elif key == "auto_wrap_policy":
+            if str(item).upper() != "TRANSFORMER_BASED_WRAP":
+                raise ConfigError(f"fsdp_config: {raw} {item!r} is not supported; tuneforge shards per decoder "
+                                  "layer (TRANSFORMER_BASED_WRAP)")
+        elif key == "activation_checkpointing":
+            if _truthy(item):
+                out.append(("train.gradient_checkpointing", True))
+        elif key not in FSDP_CONFIG_INERT:
+            raise ConfigError(f"fsdp_config: {raw} is not a setting tuneforge knows; the supported ones are "
+                              "version, reshard_after_forward, offload_params, transformer_layer_cls_to_wrap, "
+                              "auto_wrap_policy, activation_checkpointing (and prefetch / loading flags, which "
+                              "change nothing here)")
+    return out
+
+
 OPTIM_NAMES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw": "adamw",
                "adam": "adam", "sgd": "sgd", "adafactor": "adafactor", "rmsprop": "rmsprop", "adagrad": "adagrad",
                "adamw_8bit": "adamw_8bit", "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
@@ -326,6 +396,8 @@ MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "group_by_length": _to("train.group_by_length"),
     "ddp_timeout": _to("train.ddp_timeout"),
     "deepspeed": _to("train.deepspeed"),
+    "fsdp": _fsdp,
+    "fsdp_config": _fsdp_config,
     "output_dir": _to_all("output.dir", "eval.lf_dir"),
     "max_new_tokens": _to("generation.max_new_tokens"),
     "temperature": _to("generation.temperature"),
@@ -406,7 +478,6 @@ NO_EFFECT: dict[str, str] = {
 UNSUPPORTED: dict[str, str] = {
     key: reason
     for reason, keys in {
-        "FSDP is not wired up yet (DDP and DeepSpeed are)": ["fsdp", "fsdp_config"],
         "exports are safetensors only (the legacy .bin format can run code when loaded)": ["export_legacy_format"],
         "tuneforge tokenizes the whole dataset once (cached, or saved with tokenized_path) and computes the "
         "batch order from (seed, step) so runs resume exactly, which a stream cannot give; for large data use "

@@ -41,6 +41,12 @@ def validate(cfg: RunConfig, source: str) -> None:
         check_ppo(cfg.ppo, cfg.reward_model, cfg.stage, cfg.finetune)
         check_sft(cfg.sft, cfg.stage)
         check_reference(cfg.reference, cfg.stage, cfg.dpo, cfg.finetune, cfg.sft, cfg.grpo)
+        if cfg.train.fsdp.enabled:
+            import torch
+
+            from tuneforge.train.distributed import check_fsdp
+
+            check_fsdp(cfg, torch.cuda.is_available() and cfg.train.device != "cpu")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 

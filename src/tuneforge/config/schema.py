@@ -239,6 +239,22 @@ class BadamConfig:
 
 
 @dataclass
+class FsdpConfig:
+    enabled: bool = False
+    """Shard weights, gradients and optimizer state over the processes with FSDP2 (torch's fully_shard): one unit
+    per decoder layer plus one for the rest. Also turned on by `accelerate launch --config_file` with an FSDP config
+    (LLaMA-Factory's fsdp_config.yaml / fsdp2_config.yaml) and by LLaMA-Factory's fsdp / fsdp_config keys."""
+    reshard_after_forward: bool = True
+    """Free each layer's gathered weights after its forward and gather them again for the backward (FULL_SHARD);
+    false keeps them until the backward (SHARD_GRAD_OP: less communication, more memory)."""
+    offload_params: bool = False
+    """Keep the sharded weights, gradients and optimizer state in CPU memory between uses (GPU runs only)."""
+    layer_classes: list[str] = field(default_factory=list)
+    """Module class names sharded as one unit each; default: the model's own (its _no_split_modules, the decoder
+    layers), as accelerate's TRANSFORMER_BASED_WRAP does."""
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 1
     """Rows per device per micro-batch."""
@@ -322,6 +338,8 @@ class TrainConfig:
     deepspeed: str | None = None
     """A DeepSpeed JSON config (e.g. LLaMA-Factory's examples/deepspeed/ds_z3_config.json): ZeRO stage 0-3 and
     offload; its "auto" values are filled from this config (micro-batch, clipping, precision)."""
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    """FSDP2 sharding (instead of DDP's full copy per process); not together with deepspeed."""
     neftune_alpha: float | None = None
     """NEFTune: add uniform noise of size alpha / sqrt(length * hidden) to the input embeddings while training."""
 

@@ -189,11 +189,13 @@ def remember_pissa_start(model: nn.Module) -> None:
     _PISSA_START[model] = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if ".lora_" in k}
 
 
-def save_adapter(model: nn.Module, folder: Path) -> None:
+def save_adapter(model: nn.Module, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
     """Save only the trained adapter ("default", not a frozen reference copy beside it); a PiSSA adapter with
-    pissa_convert is written as the plain LoRA adapter it amounts to on the original, unmodified base."""
+    pissa_convert is written as the plain LoRA adapter it amounts to on the original, unmodified base.
+    weights: the model's state dict to take the adapter from (default: the model's own)."""
     start = _PISSA_START.get(model)
-    model.save_pretrained(folder, safe_serialization=True, selected_adapters=["default"])
+    model.save_pretrained(folder, safe_serialization=True, selected_adapters=["default"],
+                          **({"state_dict": weights} if weights is not None else {}))
     if start is not None:
         convert_pissa_folder(folder, start)
 

@@ -50,22 +50,28 @@ def start_checkpoint(folder: Path) -> Path:
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState,
                     save_adapter: Any = None, stage_state: dict[str, Any] | None = None,
-                    names: set[str] | None = None, started: bool = False) -> None:
+                    names: set[str] | None = None, started: bool = False,
+                    weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write everything needed to continue exactly; rename into place only when complete.
 
     names: the parameters to save (default: those requiring gradients now; BAdam marks only its active block).
-    optimizer None: its state is saved elsewhere (DeepSpeed's partitions, already in the started folder).
+    optimizer None: its state is saved elsewhere (DeepSpeed's or FSDP's shards, already in the started folder).
+    weights: the trained weights gathered from FSDP's shards (the model's own parameters are shards then).
     """
     tmp = in_progress(folder) if started else start_checkpoint(folder)
-    weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
-               if (n in names if names is not None else p.requires_grad)}
-    save_file(weights, str(tmp / "trainable.safetensors"))
+    given = weights
+    if weights is None:
+        weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
+                   if (n in names if names is not None else p.requires_grad)}
+    elif names is not None:
+        weights = {n: t for n, t in weights.items() if n in names}
+    save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp / "trainable.safetensors"))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     if save_adapter is not None:
-        save_adapter(tmp / "adapter")
+        save_adapter(tmp / "adapter", given)
     if stage_state:
         (tmp / STAGE_FILE).write_text(json.dumps(stage_state), encoding="utf-8")
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
@@ -74,10 +80,11 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: A
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, stage: Any = None,
-                    engine: Any = None) -> TrainState:
+                    engine: Any = None, sharded: nn.Module | None = None) -> TrainState:
     """Restore weights, optimizer, schedule, RNG and the stage's running state; return the saved position.
-    engine: a DeepSpeedEngine, which reads its own partition of weights and optimizer (every rank calls this)."""
-    from tuneforge.train.distributed import ENGINE_TAG
+    engine: a DeepSpeedEngine; sharded: FSDP's root unit. Each rank reads its own shard of weights and optimizer
+    (every rank calls this)."""
+    from tuneforge.train.distributed import ENGINE_TAG, FSDP_TAG, load_sharded
 
     if engine is not None:
         if not (folder / ENGINE_TAG).is_dir():
@@ -85,10 +92,16 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: A
                               "train.deepspeed, or start a new run")
         engine.load_checkpoint(str(folder), tag=ENGINE_TAG, load_optimizer_states=True,
                                load_lr_scheduler_states=False)
+    elif sharded is not None:
+        if not (folder / FSDP_TAG).is_dir():
+            raise ConfigError(f"{folder}: not an FSDP checkpoint (no {FSDP_TAG}/); resume it without FSDP "
+                              "(train.fsdp), or start a new run")
+        load_sharded(sharded, optimizer, folder / FSDP_TAG)
     else:
-        if (folder / ENGINE_TAG).is_dir():
-            raise ConfigError(f"{folder} was written under DeepSpeed (train.deepspeed); resume it with the same "
-                              "DeepSpeed config")
+        for tag, name in ((ENGINE_TAG, "DeepSpeed (train.deepspeed); resume it with the same DeepSpeed config"),
+                          (FSDP_TAG, "FSDP (train.fsdp); resume it with FSDP")):
+            if (folder / tag).is_dir():
+                raise ConfigError(f"{folder} was written under {name}")
         load_weights(folder, model)
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))

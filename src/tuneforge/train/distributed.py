@@ -1,4 +1,5 @@
-"""Distributed back-ends beside DDP: DeepSpeed ZeRO 0-3 through accelerate, with tuneforge's own loop.
+"""Distributed back-ends beside DDP, with tuneforge's own loop: DeepSpeed ZeRO 0-3 through accelerate, and FSDP2
+(torch's fully_shard) applied by tuneforge itself.
 
 accelerate wraps the model in a DeepSpeedEngine; the loop keeps owning batching, accumulation and the loss
 normalisation. What that takes (see ../shared/DISTRIBUTED.md for the measurements behind it):
@@ -10,6 +11,13 @@ normalisation. What that takes (see ../shared/DISTRIBUTED.md for the measurement
 - on a CPU host accelerate must be told the gloo backend and cpu=False, or every process silently trains alone;
 - saving and resuming are collective: every rank writes and reads its own ZeRO partition (DeepSpeed's checkpoint
   files), and ZeRO-3's partitioned weights are gathered on every rank while rank 0 writes the user-facing files.
+
+FSDP2 is applied here rather than by accelerate: accelerate runs FSDP only on GPUs and, asked for it on a CPU host,
+silently trains plain DDP. tuneforge shards one unit per decoder layer plus the root (the loop's loss module, so
+every forward, also the fused-head loss that calls the decoder directly, gathers what it needs), keeps autocast for
+mixed precision (the same math as DDP), reduces gradients in fp32, and checkpoints collectively: sharded model and
+optimizer state through torch.distributed.checkpoint, the user-facing weights gathered into a full state dict that
+rank 0 writes (a sharded module's own state_dict() holds shards, whatever it is doing).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from tuneforge.errors import ConfigError
 
 ZERO_STAGES = (0, 1, 2, 3)
 ENGINE_TAG = "deepspeed"  # the DeepSpeed checkpoint's folder inside checkpoints/step-N
+FSDP_TAG = "fsdp"  # the sharded (torch.distributed.checkpoint) model and optimizer state inside checkpoints/step-N
 
 
 def read_deepspeed_config(path: str) -> dict[str, Any]:
@@ -131,13 +140,8 @@ def make_deepspeed_accelerator(path: str, batch_size: int, max_grad_norm: float,
 
 
 def launcher_backend(deepspeed: str | None) -> str | None:
-    """The DeepSpeed config to use, also when `accelerate launch --config_file` asked for DeepSpeed (its JSON file);
-    an accelerate config asking for FSDP is refused rather than silently trained as DDP."""
+    """The DeepSpeed config to use, also when `accelerate launch --config_file` asked for DeepSpeed (its JSON file)."""
     env = os.environ
-    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise ConfigError("the accelerate config asks for FSDP (distributed_type: FSDP), which tuneforge does not run "
-                          "yet: without it accelerate would train plain DDP. Use DeepSpeed (train.deepspeed / "
-                          "deepspeed: ds_z3_config.json) or a config with distributed_type MULTI_GPU")
     if deepspeed or env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return deepspeed
     file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
@@ -204,3 +208,163 @@ def torchrun_command(argv: list[str]) -> list[str] | None:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes, "--node_rank", env.get("NODE_RANK", "0"),
             "--nproc_per_node", env.get("NPROC_PER_NODE", str(max(gpus, 1))), "--master_addr",
             env.get("MASTER_ADDR", "127.0.0.1"), "--master_port", port, "-m", "tuneforge", "train", *argv]
+
+
+# ----------------------------------------------------------------------------------------------------------- FSDP2
+
+SHARDING_STRATEGIES = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False}  # -> reshard_after_forward
+
+
+def fsdp_from_launcher(fsdp: Any) -> Any:
+    """train.fsdp, turned on with the launcher's settings when `accelerate launch --config_file` asked for FSDP
+    (LLaMA-Factory's fsdp_config.yaml and fsdp2_config.yaml: FSDP1 configs run as FSDP2 with the same sharding)."""
+    import dataclasses
+
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return fsdp
+    source = "the accelerate config (accelerate launch --config_file)"
+    if env.get("FSDP_VERSION", "1") == "2":
+        reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    else:
+        strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+        if strategy not in SHARDING_STRATEGIES:
+            raise ConfigError(f"{source}: fsdp_sharding_strategy {strategy} is not supported; use FULL_SHARD or "
+                              "SHARD_GRAD_OP (NO_SHARD is plain DDP: use distributed_type MULTI_GPU)")
+        reshard = SHARDING_STRATEGIES[strategy]
+    wrap = env.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP").upper()
+    if wrap != "TRANSFORMER_BASED_WRAP":
+        raise ConfigError(f"{source}: fsdp_auto_wrap_policy {wrap} is not supported; tuneforge shards per decoder "
+                          "layer: use TRANSFORMER_BASED_WRAP")
+    if env.get("FSDP_IGNORED_MODULES"):
+        raise ConfigError(f"{source}: fsdp_ignored_modules is not supported; remove it")
+    classes = [c.strip() for c in env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip()]
+    return dataclasses.replace(fsdp, enabled=True, reshard_after_forward=reshard,
+                               offload_params=env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true",
+                               layer_classes=classes or fsdp.layer_classes)
+
+
+def check_fsdp(cfg: Any, cuda: bool) -> None:
+    """FSDP where tuneforge's FSDP2 path cannot run it: one message naming the setting to change."""
+    train, why = cfg.train, None
+    if train.deepspeed:
+        why = "train.deepspeed is set as well; use one of DeepSpeed and FSDP"
+    elif cfg.model.quantization_bit:
+        why = ("FSDP does not shard quantized (QLoRA) weights here; remove model.quantization_bit, or use DDP or "
+               "DeepSpeed ZeRO-2")
+    elif cfg.stage in ("ppo", "grpo"):
+        why = f"the {cfg.stage} stage generates with the policy, which FSDP does not run yet; use DDP or DeepSpeed"
+    elif train.precision == "fp16":
+        why = "fp16 needs loss scaling, which the FSDP path does not do; use train.precision=bf16 (bf16: true)"
+    elif train.optimizer not in ("adamw", "adam", "sgd", "rmsprop", "adagrad"):
+        why = f"train.optimizer {train.optimizer} does not run on sharded weights; use adamw, adam, sgd, rmsprop or adagrad"
+    elif any(getattr(train, k).enabled for k in ("galore", "apollo", "badam")):
+        why = "GaLore, APOLLO and BAdam do not run on sharded weights; remove them or use DDP"
+    elif train.fsdp.offload_params and not cuda:
+        why = ("train.fsdp.offload_params keeps a GPU run's shards in CPU memory; without a GPU everything is in CPU "
+               "memory already: set it to false")
+    if why is None:
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401
+        except ImportError:
+            why = "this torch has no FSDP2 (torch.distributed.fsdp.fully_shard); install torch >= 2.6"
+    if why:
+        raise ConfigError(f"FSDP (train.fsdp / fsdp / accelerate's FSDP config) cannot run: {why}")
+
+
+def init_single_process_group(cuda: bool) -> None:
+    """FSDP shards over a process group even for one process: make one when no launcher did."""
+    import torch.distributed as dist
+
+    if dist.is_available() and not dist.is_initialized():
+        set_single_process_env()
+        dist.init_process_group("nccl" if cuda else "gloo", rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
+
+
+@contextlib.contextmanager
+def without_env(*keys: str) -> Iterator[None]:
+    """The block runs with these environment variables unset (restored after)."""
+    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def shard(root: nn.Module, model: nn.Module, fsdp: Any) -> nn.Module:
+    """fully_shard each decoder layer of `model`, then `root` (the module whose forward the loop calls), in place."""
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    from tuneforge.stages.base import unwrap_causal_lm
+
+    names = set(fsdp.layer_classes or getattr(unwrap_causal_lm(model), "_no_split_modules", None) or [])
+    # deepest first: an inner unit must be sharded before the unit around it
+    layers = [m for m in reversed(list(model.modules())) if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"FSDP: no module of class {', '.join(sorted(names)) or '(none declared)'} in this model; "
+                          "set train.fsdp.layer_classes (fsdp_transformer_layer_cls_to_wrap) to its decoder layer class")
+    policy = {"mp_policy": MixedPrecisionPolicy(reduce_dtype=torch.float32),
+              "offload_policy": CPUOffloadPolicy() if fsdp.offload_params else OffloadPolicy()}
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=fsdp.reshard_after_forward, **policy)
+    fully_shard(root, **policy)
+    return root
+
+
+def is_sharded(module: nn.Module | None) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def full_state(root: nn.Module | None, trainable_only: bool) -> dict[str, Any] | None:
+    """The sharded model's weights gathered whole into CPU memory on rank 0 (collective: every rank calls it;
+    the others get an empty dict), named as the model inside the root names them; None when not sharded."""
+    if root is None:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                               ignore_frozen_params=trainable_only))
+    # a tied weight (embeddings and output head) once, under its first name, as the model's own state_dict has it
+    first: dict[int, str] = {}
+    tied = set()
+    for name, param in root.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            tied.add(name)
+    return {name.removeprefix("model."): tensor for name, tensor in state.items() if name not in tied}
+
+
+def save_sharded(root: nn.Module, optimizer: Any, folder: Path) -> None:
+    """Each rank writes its shard of the trained weights and of the optimizer state (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(root, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+
+
+def load_sharded(root: nn.Module, optimizer: Any, folder: Path) -> None:
+    """Read what save_sharded wrote into the sharded model (and optimizer, unless None); collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    # frozen weights are not in the checkpoint (they never change): loading leaves them as they are
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    if optimizer is None:
+        state = {"model": get_model_state_dict(root, options=options)}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_model_state_dict(root, state["model"], options=options)
+        return
+    model_state, optim_state = get_state_dict(root, optimizer, options=options)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)

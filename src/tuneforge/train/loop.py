@@ -30,7 +30,16 @@ from tuneforge.train.checkpoint import (
     save_checkpoint,
     start_checkpoint,
 )
-from tuneforge.train.distributed import ENGINE_TAG, deepspeed_engine, gathered
+from tuneforge.train.distributed import (
+    ENGINE_TAG,
+    FSDP_TAG,
+    deepspeed_engine,
+    full_state,
+    gathered,
+    load_sharded,
+    save_sharded,
+    shard,
+)
 from tuneforge.train.optim import build_optimizer, build_scheduler
 from tuneforge.train.tracking import Progress, Tracker
 
@@ -91,12 +100,15 @@ class RunContext:
     run_dir: Path
     accelerator: Any
     plan: BatchPlan
-    save_weights: Callable[[Path], None] | None = None  # writes the user-facing adapter/model of a checkpoint
+    # writes the user-facing adapter/model of a checkpoint (from the given weights under FSDP)
+    save_weights: Callable[[Path, dict[str, Tensor] | None], None] | None = None
     group_by_length: bool = True
     forward_tokens: int = 0  # 0: each micro-batch is one forward pass
     tracker_config: dict[str, Any] = field(default_factory=dict)
     logging_dir: Path | None = None
     lora: LoraConfig | None = None  # the LoRA settings (LoRA+ learning rates) when the method is lora
+    fsdp: Any = None  # train.fsdp when FSDP shards the model
+    sharded: nn.Module | None = None  # set by fit under FSDP: the root unit (final saves gather through it)
 
 
 @dataclass
@@ -186,6 +198,9 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
     """
     acc, plan = run.accelerator, run.plan
     lengths = [stage.row_length(r) for r in train_rows]
+    module = LossModule(model, stage)
+    # FSDP2 replaces the parameters by their shards: before anything holds them (the optimizer above all)
+    sharded = run.sharded = shard(module, model, run.fsdp) if run.fsdp is not None else None
     # Taken before the optimizer is built: BAdam then marks only its active block trainable, but clipping and
     # checkpoints cover every parameter the method trains.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -194,11 +209,12 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
     scheduler = build_scheduler(optimizer, train, plan.total_steps)
     # The scheduler stays the loop's to step, also under DeepSpeed (it sets the lr of the optimizer's groups,
     # which ZeRO's optimizer shares): handed to the engine it was stepped twice per step.
-    module, optimizer = acc.prepare(LossModule(model, stage), optimizer)
+    if sharded is None:
+        module, optimizer = acc.prepare(module, optimizer)
     engine = deepspeed_engine(acc, module)
     stage.run_dir = run.run_dir  # where the stage writes its own files (grpo: completions.jsonl)
     resume = resolve_resume(train.resume_from_checkpoint, run.run_dir)
-    state = load_checkpoint(resume, model, optimizer, scheduler, stage, engine) if resume else TrainState()
+    state = load_checkpoint(resume, model, optimizer, scheduler, stage, engine, sharded) if resume else TrainState()
     main = acc.is_main_process
     tracker = Tracker(run.run_dir, train.report_to, run.logging_dir or run.run_dir / "tensorboard",
                       state.step if resume else None, run.tracker_config) if main else None
@@ -227,16 +243,19 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
             global_units = int(_sum(acc, sum(stage.units(rows) for rows in micro)))
             for i, rows in enumerate(micro):
                 batch = {k: v.to(acc.device) for k, v in stage.collate(rows).items()}
-                if engine is not None:  # DeepSpeed reduces and steps at the step's last micro-batch only
-                    acc.gradient_state._set_sync_gradients(i == len(micro) - 1)
-                sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(module)
+                last = i == len(micro) - 1  # gradients are reduced over processes at the last micro-batch only
+                if engine is not None:  # DeepSpeed also steps there
+                    acc.gradient_state._set_sync_gradients(last)
+                if sharded is not None:
+                    sharded.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext() if last or sharded is not None else acc.no_sync(module)
                 with sync, acc.autocast():
                     loss_sum, units, metrics = module(batch)
                     acc.backward(loss_sum * acc.num_processes / max(global_units, 1))
                 window.add(loss_sum, float(units), metrics)
                 session_tokens += sum(stage.row_length(r) for r in rows) * acc.num_processes
                 padded_tokens += batch["input_ids"].numel() * acc.num_processes
-            grad_norm = _clip(acc, params, train.max_grad_norm, engine)
+            grad_norm = _clip(acc, params, train.max_grad_norm, engine, sharded)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -269,13 +288,15 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
                     stop_early = best.update(state.step, metrics, kept or state.step == plan.total_steps)
                     state.best = best.state()
             if train.save_steps and state.step % train.save_steps == 0 and state.step < plan.total_steps:
-                _save(run, model, optimizer, scheduler, state, stage, train.save_total_limit, trained_names, engine)
+                _save(run, model, optimizer, scheduler, state, stage, train.save_total_limit, trained_names, engine,
+                  sharded)
         interrupted = state.step < plan.total_steps and not stop_early
         if stop_early:
             progress.write(f"early stopping at step {state.step}: {best.metric} has not improved for "
                            f"{best.bad_evals} evaluations (best {best.value:.4g})")
         if interrupted:
-            _save(run, model, optimizer, scheduler, state, stage, train.save_total_limit, trained_names, engine)
+            _save(run, model, optimizer, scheduler, state, stage, train.save_total_limit, trained_names, engine,
+                  sharded)
             progress.write(f"interrupted: checkpoint saved at step {state.step}; rerun with "
                            "train.resume_from_checkpoint=auto to continue")
     progress.close()
@@ -287,6 +308,8 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
         if engine is not None:
             engine.load_checkpoint(str(best_dir), tag=ENGINE_TAG, load_optimizer_states=False,
                                    load_lr_scheduler_states=False)
+        elif sharded is not None:
+            load_sharded(sharded, None, best_dir / FSDP_TAG)
         else:
             load_weights(best_dir, model)
         weights_step = best.step
@@ -327,22 +350,28 @@ def evaluate(module: nn.Module, stage: Stage, rows: list[dict], batch_size: int,
 
 
 def _save(run: RunContext, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState, stage: Stage,
-          keep: int | None, names: set[str] | None = None, engine: Any = None) -> None:
-    """A checkpoint, written by rank 0 (DDP: every rank holds the same state). Under DeepSpeed every rank first
-    writes its ZeRO partition (model and optimizer) into the folder being made, and ZeRO-3's weights are gathered
-    on every rank while rank 0 writes the trained weights and the adapter."""
+          keep: int | None, names: set[str] | None = None, engine: Any = None, sharded: nn.Module | None = None) \
+        -> None:
+    """A checkpoint, written by rank 0 (DDP: every rank holds the same state). Under DeepSpeed and FSDP every rank
+    first writes its shard of model and optimizer into the folder being made, then the weights are gathered on every
+    rank while rank 0 writes the trained weights and the adapter."""
     acc = run.accelerator
     folder = checkpoint_dir(run.run_dir, state.step)
-    if engine is not None:
+    collective = engine is not None or sharded is not None
+    if collective:
         if acc.is_main_process:
             start_checkpoint(folder)
         acc.wait_for_everyone()
-        engine.save_checkpoint(str(in_progress(folder)), tag=ENGINE_TAG)
+        if engine is not None:
+            engine.save_checkpoint(str(in_progress(folder)), tag=ENGINE_TAG)
+        else:
+            save_sharded(sharded, optimizer, in_progress(folder) / FSDP_TAG)
     trained = [p for n, p in model.named_parameters() if (n in names if names is not None else p.requires_grad)]
+    weights = full_state(sharded, trainable_only=True)
     with gathered(trained):
         if acc.is_main_process:
-            save_checkpoint(folder, model, None if engine is not None else optimizer, scheduler, state,
-                            run.save_weights, stage.state_dict(), names, started=engine is not None)
+            save_checkpoint(folder, model, None if collective else optimizer, scheduler, state,
+                            run.save_weights, stage.state_dict(), names, started=collective, weights=weights)
             best_step = state.best.get("step")
             prune_checkpoints(run.run_dir, keep, checkpoint_dir(run.run_dir, best_step) if best_step else None)
     acc.wait_for_everyone()
@@ -354,10 +383,14 @@ def _sum(acc: Any, value: float | Tensor) -> Tensor:
     return acc.reduce(tensor, reduction="sum").cpu()[0] if acc.num_processes > 1 else tensor.cpu()[0]
 
 
-def _clip(acc: Any, params: list[nn.Parameter], max_norm: float, engine: Any = None) -> float:
+def _clip(acc: Any, params: list[nn.Parameter], max_norm: float, engine: Any = None,
+          sharded: nn.Module | None = None) -> float:
     if engine is not None:  # DeepSpeed clipped (gradient_clipping = max_grad_norm) and stepped at the boundary
         norm = engine.get_global_grad_norm()  # None where the engine keeps none (ZeRO-0 without clipping)
         return float(norm) if norm is not None else 0.0
+    if sharded is not None:  # the norm over every rank's gradient shards (a DTensor); inf: measure, do not clip
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     grads = [p.grad for p in params if p.grad is not None]
     if max_norm > 0 and not any(g.is_sparse for g in grads):
         return float(acc.clip_grad_norm_(params, max_norm))

@@ -44,6 +44,7 @@ class Plan:
     rollout_seconds: float | None = None  # online stages: measured rollout time of a step (and generation's share)
     generation_seconds: float | None = None
     zero_stage: int | None = None  # DeepSpeed ZeRO stage of the run (memory is per process under it)
+    fsdp: bool = False  # FSDP2 shards weights, gradients and optimizer state (memory is per process)
 
 
 def model_bytes(model: nn.Module | None) -> int:
@@ -52,7 +53,7 @@ def model_bytes(model: nn.Module | None) -> int:
 
 
 def make_plan(rows: list[dict], report: EncodeReport, batches: BatchPlan, model: nn.Module,
-              precision: str, stage: Any, zero_stage: int | None = None) -> Plan:
+              precision: str, stage: Any, zero_stage: int | None = None, fsdp: bool = False) -> Plan:
     """Collect the plan's figures (memory includes separately loaded reference and reward models, and for online
     stages the larger of the training pass and the rollout's generation)."""
     trainable, total = count_parameters(model)
@@ -68,8 +69,9 @@ def make_plan(rows: list[dict], report: EncodeReport, batches: BatchPlan, model:
         steps_per_epoch=batches.steps_per_epoch, total_steps=batches.total_steps,
         epochs=batches.total_steps / batches.steps_per_epoch, trainable_params=trainable, total_params=total,
         peak_memory_gb=(estimate_memory(model, forward_tokens(stage, batches.batch_size, max(lengths)), precision,
-                                        generation, zero_stage, batches.world_size) + ref_bytes + reward_bytes) / 2**30,
-        zero_stage=zero_stage,
+                                        generation, zero_stage, batches.world_size, fsdp)
+                        + ref_bytes + reward_bytes) / 2**30,
+        zero_stage=zero_stage, fsdp=fsdp,
         precision=precision, stage=stage.describe(), reference_gb=ref_bytes / 2**30,
         reward_model_gb=reward_bytes / 2**30, generation_gb=generation / 2**30,
     )
@@ -104,12 +106,14 @@ def full_numel(p: nn.Parameter) -> int:
 
 
 def estimate_memory(model: nn.Module, tokens: int, precision: str, generation: int = 0,
-                    zero_stage: int | None = None, world: int = 1) -> float:
+                    zero_stage: int | None = None, world: int = 1, fsdp: bool = False) -> float:
     """Bytes per process: weights + fp32 grads and AdamW moments of trained weights + the larger of the training
     pass (activations + loss chunk) and an online stage's rollout generation (`generation` bytes).
 
     Under DeepSpeed ZeRO (zero_stage) over `world` processes: stage 1 shards the optimizer state (with the fp32
     master copy DeepSpeed keeps of bf16/fp16 weights), stage 2 also the gradients, stage 3 also the weights.
+    Under FSDP2 weights, gradients and optimizer state are all sharded (no master copy: weights keep their dtype),
+    plus one decoder layer's weights gathered whole while it computes.
 
     Activations of a decoder layer are counted as (10 * hidden + 4 * intermediate) values per token (inputs of the
     projections, norms, attention and MLP outputs kept for backward), at 2 bytes under bf16/fp16 and 4 in fp32.
@@ -124,6 +128,10 @@ def estimate_memory(model: nn.Module, tokens: int, precision: str, generation: i
         optimizer /= shards if zero_stage >= 1 else 1
         grads /= shards if zero_stage >= 2 else 1
         weights /= shards if zero_stage >= 3 else 1
+    elif fsdp:
+        layers = max(getattr(config, "num_hidden_layers", 1), 1)
+        weights = weights / max(world, 1) + weights / layers
+        grads, optimizer = grads / max(world, 1), optimizer / max(world, 1)
     optimizer_and_grads = grads + optimizer
     act_bytes = 4 if precision == "fp32" else 2
     hidden = getattr(config, "hidden_size", 0)
@@ -154,7 +162,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         ("precision", plan.precision),
         ("peak memory", f"~{plan.peak_memory_gb:.1f} GB per process (estimate"
          + (f", DeepSpeed ZeRO-{plan.zero_stage} over {plan.world_size} process(es)"
-            if plan.zero_stage is not None else "") + "".join(
+            if plan.zero_stage is not None else "")
+         + (f", FSDP2 over {plan.world_size} process(es)" if plan.fsdp else "") + "".join(
             f", {gb:.1f} GB of it the {what}" for what, gb in (("reference model", plan.reference_gb),
                                                                ("reward model", plan.reward_model_gb)) if gb) + ")"),
     ]
