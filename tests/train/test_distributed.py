@@ -306,6 +306,13 @@ def test_the_plan_shards_memory_by_zero_stage(tiny_model_dir):
     # stage 3 also the 4 bytes of weight (fp32 needs no master copy)
     saved = {stage: plain - estimate_memory(model, 256, "fp32", zero_stage=stage, world=2) for stage in (0, 1, 2, 3)}
     assert saved == {0: 0, 1: 4 * n, 2: 6 * n, 3: 8 * n}
+    # FSDP2 over 2: weights (4 bytes), gradients (4) and AdamW's moments (8) all halved, but the root unit (the tied
+    # embedding/head, the final norm) and two decoder layers are held whole while they compute
+    vocab, hidden, inter, kv = model.config.vocab_size, 64, 128, 32
+    layer = hidden * hidden * 2 + hidden * kv * 2 + hidden * inter * 3 + 2 * hidden
+    root = vocab * hidden + hidden
+    assert n == root + 2 * layer
+    assert plain - estimate_memory(model, 256, "fp32", world=2, fsdp=True) == 16 * n / 2 - 4 * (root + 2 * layer)
 
 
 def test_accelerate_configs_asking_for_fsdp_or_deepspeed(monkeypatch, tmp_path):

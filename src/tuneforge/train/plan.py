@@ -105,6 +105,19 @@ def full_numel(p: nn.Parameter) -> int:
     return getattr(p, "ds_numel", None) or p.numel()
 
 
+def fsdp_gathered_bytes(model: nn.Module) -> int:
+    """Weights FSDP holds whole at once: the root unit's (embeddings, final norm, head: gathered from the first
+    forward to the last backward) and two decoder layers' (the one computing and the one prefetched)."""
+    from tuneforge.stages.base import unwrap_causal_lm
+
+    names = set(getattr(unwrap_causal_lm(model), "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    root = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_layers)
+    largest = max((sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers), default=0)
+    return root + 2 * largest
+
+
 def estimate_memory(model: nn.Module, tokens: int, precision: str, generation: int = 0,
                     zero_stage: int | None = None, world: int = 1, fsdp: bool = False) -> float:
     """Bytes per process: weights + fp32 grads and AdamW moments of trained weights + the larger of the training
@@ -113,7 +126,7 @@ def estimate_memory(model: nn.Module, tokens: int, precision: str, generation: i
     Under DeepSpeed ZeRO (zero_stage) over `world` processes: stage 1 shards the optimizer state (with the fp32
     master copy DeepSpeed keeps of bf16/fp16 weights), stage 2 also the gradients, stage 3 also the weights.
     Under FSDP2 weights, gradients and optimizer state are all sharded (no master copy: weights keep their dtype),
-    plus one decoder layer's weights gathered whole while it computes.
+    plus what is gathered whole at once (fsdp_gathered_bytes).
 
     Activations of a decoder layer are counted as (10 * hidden + 4 * intermediate) values per token (inputs of the
     projections, norms, attention and MLP outputs kept for backward), at 2 bytes under bf16/fp16 and 4 in fp32.
@@ -129,8 +142,7 @@ def estimate_memory(model: nn.Module, tokens: int, precision: str, generation: i
         grads /= shards if zero_stage >= 2 else 1
         weights /= shards if zero_stage >= 3 else 1
     elif fsdp:
-        layers = max(getattr(config, "num_hidden_layers", 1), 1)
-        weights = weights / max(world, 1) + weights / layers
+        weights = weights / max(world, 1) + fsdp_gathered_bytes(model)
         grads, optimizer = grads / max(world, 1), optimizer / max(world, 1)
     optimizer_and_grads = grads + optimizer
     act_bytes = 4 if precision == "fp32" else 2
