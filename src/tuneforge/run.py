@@ -85,7 +85,9 @@ def prepare(cfg: RunConfig, plan_only: bool = False) -> Job:
     template = get_template(cfg.data.template, tokenizer, cfg.data.default_system, cfg.data.enable_thinking,
                             cfg.data.tool_format)
     stage = build_stage(cfg, tokenizer.pad_token_id)
-    with acc.main_process_first():
+    # Tokenized once: the main process first, then each other node's first process (which finds the cache when
+    # the nodes share a filesystem), then everyone else, who read a cache. Two barriers each, for every process.
+    with acc.main_process_first(), acc.local_main_process_first():
         data = build_datasets(cfg.data, stage.data_kind, template, cfg.train.seed)
     train_rows, val_rows = training_rows(data, cfg, stage)
     stage.check_rows(train_rows)
