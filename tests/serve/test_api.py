@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 import threading
 import time
 
@@ -16,16 +15,11 @@ from tuneforge.cli.api_cmd import adapter_names
 from tuneforge.config.schema import GenerationConfig, ModelConfig
 from tuneforge.data.types import Message
 from tuneforge.serve.api import create_app, parse_tool_calls
+from tuneforge.train.distributed import free_port
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 GEN = GenerationConfig(max_new_tokens=8)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

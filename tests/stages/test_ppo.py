@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -145,9 +144,9 @@ def score_server(full_reward):
     from tuneforge.serve.api import create_app
 
     app = create_app(load_engine(ModelConfig(path=str(full_reward))), "tiny-rm", api_key=API_KEY)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tuneforge.train.distributed import free_port
+
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tuneforge.errors import ConfigError
-from tuneforge.train.distributed import fill_deepspeed_config, read_deepspeed_config
+from tuneforge.train.distributed import fill_deepspeed_config, free_port, read_deepspeed_config
 
 LF = Path(__file__).parents[1] / "fixtures" / "llamafactory"
 DS = LF / "examples" / "deepspeed"
@@ -37,7 +37,6 @@ def write_config(tmp_path: Path, model: Path, out: str, **train) -> Path:
 
 def torchrun(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --nproc_per_node 2 -m tuneforge ...` (gloo on this CPU host)."""
-    from tests.train.test_loop import free_port
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -137,7 +136,6 @@ def test_two_nodes_through_the_relaunch_match_one_node(ddp_runs, tmp_path, tiny_
     # Two `tuneforge train` commands, each one node of one process (LLaMA-Factory's NNODES / NODE_RANK /
     # NPROC_PER_NODE / MASTER_ADDR / MASTER_PORT, FORCE_TORCHRUN: tuneforge re-launches itself under torchrun),
     # rendezvous on 127.0.0.1 and train what one node with 2 processes trained.
-    from tests.train.test_loop import free_port
 
     path = write_config(tmp_path, tiny_model_dir, "nodes", precision="fp32")
     port = str(free_port())
@@ -158,7 +156,6 @@ def test_two_nodes_through_the_relaunch_match_one_node(ddp_runs, tmp_path, tiny_
 
 def accelerate_launch(config_file: Path, *args: str) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file FILE -m tuneforge ...` (the file's num_processes: 2)."""
-    from tests.train.test_loop import free_port
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tuneforge.train.batches import BatchPlan, pack_rows
+from tuneforge.train.distributed import free_port
 
 from .conftest import snapshot, train_in_process
 
@@ -148,12 +148,6 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir)
     subprocess.run(cli("train", str(config), "train.resume_from_checkpoint=auto", "train.max_steps=400"),
                    check=True, capture_output=True)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, tiny_model_dir):

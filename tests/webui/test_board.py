@@ -448,7 +448,7 @@ def test_webui_command_serves_the_four_tabs(tmp_path):
     import subprocess
     import urllib.request
 
-    from tests.webui.test_browser import free_port
+    from tuneforge.train.distributed import free_port
 
     port = free_port()
     log = open(tmp_path / "webui.log", "wb")  # noqa: SIM115 - closed with the process below

@@ -234,12 +234,17 @@ def merge_adapters(model: nn.Module, adapters: list[str]) -> nn.Module:
     return model
 
 
+def full_numel(param: nn.Parameter) -> int:
+    """A parameter's whole size (DeepSpeed ZeRO-3 may have partitioned it at load time)."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count their packed elements twice, and weights that
     DeepSpeed ZeRO-3 partitioned at load time their whole size (ds_numel)."""
     trainable = total = 0
     for param in model.parameters():
-        n = getattr(param, "ds_numel", None) or param.numel() * (2 if param.__class__.__name__ == "Params4bit" else 1)
+        n = full_numel(param) * (2 if param.__class__.__name__ == "Params4bit" else 1)
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total

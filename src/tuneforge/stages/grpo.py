@@ -174,6 +174,7 @@ class GRPOStage(Stage):
         self.tokenizer = load_tokenizer(self.run.model)
         self.template = get_template(data.template, self.tokenizer, data.default_system, data.enable_thinking,
                                      data.tool_format)
+        self.stop_token_ids = template_stop_ids(self.tokenizer, self.template)
         s = self.settings
         self.rewards = RewardSet(s.reward_funcs, s.reward_weights or None)
         if s.beta > 0:
@@ -215,8 +216,7 @@ class GRPOStage(Stage):
         samples alike), scored: eval_reward, eval_rewards/<fn>/mean ... and the loss at the rollout."""
         seed = step_seed(self.run.train.seed, -1 - index, acc.process_index)
         micro, values = self.make_rollout(model, [rows], acc, seed, training=False)
-        return micro[0], {name: metric(v, 1.0) for name, v in values.items()
-                          if v is not None and not name.startswith("timing/")}
+        return micro[0], {name: metric(v, 1.0) for name, v in values.items() if v is not None}
 
     def make_rollout(self, model: nn.Module, parts: list[list[Row]], acc: Any, seed: int, training: bool = True) \
             -> tuple[list[list[Row]], dict[str, float | None]]:
@@ -269,8 +269,8 @@ class GRPOStage(Stage):
                                   top_p=gen.top_p, top_k=gen.top_k, repetition_penalty=gen.repetition_penalty)
 
     def stop_ids(self) -> list[int]:
-        """The template's single-token stop words and eos (as chat generation uses them)."""
-        return template_stop_ids(self.tokenizer, self.template)
+        """The template's single-token stop words and eos (as chat generation uses them; found once, at setup)."""
+        return self.stop_token_ids
 
     def decode(self, ids: list[int]) -> str:
         """Completion text for reward functions: no special tokens, cut at the template's stop words."""

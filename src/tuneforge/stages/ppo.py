@@ -326,8 +326,7 @@ class PPOStage(Stage):
         critic's error). The KL controller and the running score moments are left as they are."""
         seed = step_seed(self.run.train.seed, -1 - index, acc.process_index)
         window = self.make_window(model, [rows], acc, seed, training=False)
-        return window["micro"][0], {name: metric(total, count) for name, (total, count) in window["metrics"].items()
-                                    if not name.startswith("timing/")}
+        return window["micro"][0], {name: metric(total, count) for name, (total, count) in window["metrics"].items()}
 
     def make_window(self, model: nn.Module, parts: list[list[Row]], acc: Any, seed: int,
                     training: bool = True) -> dict[str, Any]:

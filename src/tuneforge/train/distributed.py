@@ -107,16 +107,20 @@ def fill_deepspeed_config(config: dict[str, Any], batch_size: int, max_grad_norm
     return filled
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous on this host)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def set_single_process_env() -> None:
     """DeepSpeed needs a process group even for one process: give a plain `tuneforge train` launch the
     environment torchrun would (one process on this host)."""
     if "WORLD_SIZE" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
+                       "MASTER_PORT": str(free_port())}.items():
         os.environ.setdefault(key, value)
 
 
@@ -200,11 +204,7 @@ def torchrun_command(argv: list[str]) -> list[str] | None:
     nnodes = env.get("NNODES", "1")
     if int(nnodes) > 1 and not env.get("MASTER_PORT"):
         raise ConfigError("NNODES > 1: set MASTER_ADDR and MASTER_PORT to the same values on every node")
-    port = env.get("MASTER_PORT")
-    if not port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
+    port = env.get("MASTER_PORT") or str(free_port())
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes, "--node_rank", env.get("NODE_RANK", "0"),
             "--nproc_per_node", env.get("NPROC_PER_NODE", str(max(gpus, 1))), "--master_addr",
             env.get("MASTER_ADDR", "127.0.0.1"), "--master_port", port, "-m", "tuneforge", "train", *argv]

@@ -335,8 +335,8 @@ def evaluate(module: nn.Module, stage: Stage, rows: list[dict], batch_size: int,
             with acc.autocast():
                 generated = stage.eval_step(model, batch_rows, acc, start // batch_size)
             if generated is not None:  # online stages: completions of these prompts, with the rollout's metrics
-                batch_rows, rollout_metrics = generated
-                window.add(torch.zeros(()), 0.0, rollout_metrics)
+                batch_rows, rollout_metrics = generated  # (not its timings: evaluation reports no timing/)
+                window.add(torch.zeros(()), 0.0, {k: v for k, v in rollout_metrics.items() if not k.startswith("timing/")})
             for part_rows in split_by_tokens(batch_rows, forward_tokens, stage.row_length):
                 batch = {k: v.to(acc.device) for k, v in stage.collate(part_rows).items()}
                 with acc.autocast():

@@ -11,6 +11,7 @@ from torch import nn
 
 from tuneforge.data.types import EncodeReport
 from tuneforge.finetune import count_parameters
+from tuneforge.finetune.methods import full_numel
 from tuneforge.train.batches import BatchPlan
 from tuneforge.train.losses import CHUNK_TOKENS
 
@@ -98,11 +99,6 @@ def generation_bytes(model: nn.Module, sequences: int, length: int) -> int:
     dtype_bytes = max((p.element_size() for p in model.parameters() if not p.requires_grad), default=4)
     kv = 2 * layers * kv_heads * head_dim * sequences * length * dtype_bytes
     return kv + 4 * sequences * getattr(config, "vocab_size", 0) * 4
-
-
-def full_numel(p: nn.Parameter) -> int:
-    """A parameter's whole size (ZeRO-3 may have partitioned it at load time)."""
-    return getattr(p, "ds_numel", None) or p.numel()
 
 
 def fsdp_gathered_bytes(model: nn.Module) -> int:
