@@ -77,8 +77,8 @@ def test_llamafactory_flags_without_a_file():
 
 
 def test_unsupported_llamafactory_key_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="'fsdp: full_shard' .* not supported by tuneforge: FSDP"):
-        load(write(tmp_path, "fsdp: full_shard\n"))
+    with pytest.raises(ConfigError, match="'shift_attn: True' .* not supported by tuneforge: LongLoRA"):
+        load(write(tmp_path, "shift_attn: true\n"))
 
 
 def test_unknown_key_has_did_you_mean(tmp_path):

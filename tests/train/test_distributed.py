@@ -24,11 +24,14 @@ DS = LF / "examples" / "deepspeed"
 
 
 def write_config(tmp_path: Path, model: Path, out: str, **train) -> Path:
+    # 3 validation rows evaluated one per forward at step 3: the two processes make 2 and 1 forward passes, which
+    # sharded weights (gathered inside each forward) must get through without hanging
     cfg = {"model": {"path": str(model)}, "finetune": {"method": "lora"},
            "data": {"dataset": ["identity"], "template": "chatml", "cutoff_len": 128, "max_samples": 24,
-                    "cache_dir": str(tmp_path / "cache")},
+                    "val_size": 3, "cache_dir": str(tmp_path / "cache")},
            "train": {"batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-3, "max_steps": 3,
-                     "logging_steps": 1, "save_steps": 0, "group_by_length": False, **train},
+                     "logging_steps": 1, "save_steps": 0, "group_by_length": False, "eval_steps": 3,
+                     "eval_batch_size": 1, **train},
            "output": {"dir": str(tmp_path / out), "plot_loss": False}}
     path = tmp_path / f"{out}.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
@@ -47,7 +50,13 @@ def torchrun(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
 
 def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    """The training lines of metrics.jsonl."""
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def evals(run: Path) -> list[dict]:
+    """The evaluation lines of metrics.jsonl."""
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
 
 
 def adapter(run: Path) -> dict[str, torch.Tensor]:
@@ -82,6 +91,10 @@ def test_zero3_in_fp32_matches_ddp(ddp_runs, tmp_path, tiny_model_dir):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
                                                                                                  rel=1e-3)
     assert worst(adapter(tmp_path / "z3"), adapter(ddp_runs["fp32"])) < 1e-5
+    # evaluation over partitioned weights: the processes' uneven forward counts kept in step, fillers not counted
+    assert [r["step"] for r in evals(tmp_path / "z3")] == [r["step"] for r in evals(ddp_runs["fp32"])] == [3]
+    assert [r["eval_loss"] for r in evals(tmp_path / "z3")] == pytest.approx(
+        [r["eval_loss"] for r in evals(ddp_runs["fp32"])], rel=1e-5)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -177,6 +190,8 @@ def test_llamafactorys_fsdp_configs_shard_with_fsdp2_and_match_ddp(config_file, 
     for key in ("loss", "grad_norm", "lr"):
         assert [r[key] for r in ours] == pytest.approx([r[key] for r in ref], rel=1e-6)
     assert worst(adapter(tmp_path / "fsdp"), adapter(ddp_runs["bf16"])) < 1e-6
+    assert [r["eval_loss"] for r in evals(tmp_path / "fsdp")] == pytest.approx(
+        [r["eval_loss"] for r in evals(ddp_runs["bf16"])], rel=1e-6)
     assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "step-2" / "fsdp").iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp"]
     if config_file == "fsdp_config.yaml":
@@ -207,6 +222,9 @@ def test_fsdp2_full_finetuning_matches_ddp_and_resumes_exactly(tmp_path, tiny_mo
     # every weight moved by the same updates (fp32 sums in another order), the tied head saved once as DDP does
     assert runs["fsdp"].keys() == runs["ddp"].keys()
     assert worst(runs["fsdp"], runs["ddp"]) < 1e-6
+    assert [r["step"] for r in evals(tmp_path / "fsdp")] == [3, 4]
+    assert [r["eval_loss"] for r in evals(tmp_path / "fsdp")] == pytest.approx(
+        [r["eval_loss"] for r in evals(tmp_path / "ddp")], rel=1e-6)
     start = load_file(str(tiny_model_dir / "model.safetensors"))
     assert all((runs["fsdp"][k] - start[k]).abs().max() > 0 for k in runs["fsdp"])
     # the user-facing checkpoint weights are gathered whole (not rank 0's shard)

@@ -314,6 +314,7 @@ def shard(root: nn.Module, model: nn.Module, fsdp: Any) -> nn.Module:
 
 
 def is_sharded(module: nn.Module | None) -> bool:
+    """True for a module fully_shard has sharded (its forward gathers weights: a collective)."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)

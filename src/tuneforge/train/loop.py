@@ -36,6 +36,7 @@ from tuneforge.train.distributed import (
     deepspeed_engine,
     full_state,
     gathered,
+    is_sharded,
     load_sharded,
     save_sharded,
     shard,
@@ -321,7 +322,11 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
 def evaluate(module: nn.Module, stage: Stage, rows: list[dict], batch_size: int, acc: Any,
              forward_tokens: int = 0) -> dict[str, float]:
     """eval_loss and every stage metric (eval_ prefixed) over the validation rows, sharded across processes;
-    eval_perplexity for cross-entropy stages. No gradients of any kind are computed."""
+    eval_perplexity for cross-entropy stages. No gradients of any kind are computed.
+
+    Sharded weights (FSDP, DeepSpeed) are gathered inside every forward, a collective: there each process makes as
+    many forward passes as the busiest one, the extra ones on a filler batch whose results are dropped. Otherwise
+    the bare module computes (DDP's forward may synchronise buffers, also a collective)."""
     module.eval()
     mine = rows[acc.process_index::acc.num_processes]
     window = Window()
@@ -329,6 +334,12 @@ def evaluate(module: nn.Module, stage: Stage, rows: list[dict], batch_size: int,
     while not isinstance(inner, LossModule) and isinstance(getattr(inner, "module", None), nn.Module):
         inner = inner.module
     model = inner.model
+    lockstep = acc.num_processes > 1 and (is_sharded(module) or deepspeed_engine(acc, module) is not None)
+    forward = module if lockstep else inner
+    # agreed before the first forward: a collective now could not meet the other processes' gathers later
+    busiest = _max(acc, sum(len(split_by_tokens(mine[start:start + batch_size], forward_tokens, stage.row_length))
+                            for start in range(0, len(mine), batch_size))) if lockstep else 0
+    passes = 0
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
             batch_rows = mine[start:start + batch_size]
@@ -336,12 +347,19 @@ def evaluate(module: nn.Module, stage: Stage, rows: list[dict], batch_size: int,
                 generated = stage.eval_step(model, batch_rows, acc, start // batch_size)
             if generated is not None:  # online stages: completions of these prompts, with the rollout's metrics
                 batch_rows, rollout_metrics = generated  # (not its timings: evaluation reports no timing/)
-                window.add(torch.zeros(()), 0.0, {k: v for k, v in rollout_metrics.items() if not k.startswith("timing/")})
+                window.add(torch.zeros(()), 0.0, {k: v for k, v in rollout_metrics.items()
+                                                  if not k.startswith("timing/")})
             for part_rows in split_by_tokens(batch_rows, forward_tokens, stage.row_length):
                 batch = {k: v.to(acc.device) for k, v in stage.collate(part_rows).items()}
                 with acc.autocast():
-                    loss_sum, units, metrics = module(batch)
+                    loss_sum, units, metrics = forward(batch)
                 window.add(loss_sum, float(units), metrics)
+                passes += 1
+        if lockstep:
+            filler = {k: v.to(acc.device) for k, v in stage.collate(rows[:1]).items()}
+            for _ in range(busiest - passes):
+                with acc.autocast():
+                    forward(filler)
     module.train()
     values = window.read(acc, stage, prefix="eval_")
     if stage.reports_perplexity:
@@ -375,6 +393,12 @@ def _save(run: RunContext, model: nn.Module, optimizer: Any, scheduler: Any, sta
             best_step = state.best.get("step")
             prune_checkpoints(run.run_dir, keep, checkpoint_dir(run.run_dir, best_step) if best_step else None)
     acc.wait_for_everyone()
+
+
+def _max(acc: Any, value: int) -> int:
+    """The largest of a number over all processes."""
+    gathered_values = acc.gather(torch.tensor([value], dtype=torch.int64, device=acc.device))
+    return int(gathered_values.max())
 
 
 def _sum(acc: Any, value: float | Tensor) -> Tensor:
