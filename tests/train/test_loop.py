@@ -114,7 +114,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: flo
 
 
 def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_model_dir):
-    steps = dict(max_steps=60, save_steps=5)
+    steps = dict(max_steps=20, save_steps=5)
     reference = write_config(tmp_path, tiny_model_dir, "reference", **steps)
     subprocess.run(cli("train", str(reference)), check=True, capture_output=True)
     killed = write_config(tmp_path, tiny_model_dir, "killed", **steps)
@@ -129,11 +129,11 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_model_dir):
     subprocess.run(cli("train", str(killed), "train.resume_from_checkpoint=auto"), check=True, capture_output=True)
     assert_same(adapter_weights(tmp_path / "killed"), adapter_weights(tmp_path / "reference"), 1e-6)
     steps_logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 60
+    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 20
 
 
 def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir):
-    config = write_config(tmp_path, tiny_model_dir, "run", max_steps=400, save_steps=0)
+    config = write_config(tmp_path, tiny_model_dir, "run", max_steps=60, save_steps=0)
     proc = subprocess.Popen(cli("train", str(config)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -145,9 +145,13 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir)
     assert "checkpoint saved at step" in err and "Traceback" not in err
     saved = list((tmp_path / "run" / "checkpoints").iterdir())
     assert len(saved) == 1
-    subprocess.run(cli("train", str(config), "train.resume_from_checkpoint=auto", "train.max_steps=400"),
-                   check=True, capture_output=True)
+    stopped = int(saved[0].name.removeprefix("step-"))
+    assert 1 <= stopped < 60, "run was not interrupted mid-way"
+    subprocess.run(cli("train", str(config), "train.resume_from_checkpoint=auto"), check=True, capture_output=True)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    # the resumed run continued at the step after the checkpoint: every step logged once, in order, to the end
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged == list(range(1, 61))
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, tiny_model_dir):
