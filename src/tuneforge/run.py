@@ -213,9 +213,6 @@ def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
         precision = "bf16" if supported else "fp32"
     if precision == "fp16" and not cuda:
         raise ConfigError("train.precision=fp16 needs a GPU; on CPU use bf16 (or fp32)")
-    if precision == "fp16" and train_cfg.fsdp.enabled:
-        raise ConfigError("FSDP (train.fsdp) cannot run: fp16 needs loss scaling, which the FSDP path does not do; "
-                          "use train.precision=bf16 (bf16: true)")
     from datetime import timedelta
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -245,7 +242,17 @@ def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
 
 
 def forward_tokens(train_cfg: TrainConfig) -> int:
-    """Forward-pass token budget: 512 on CPU (fastest per token and light on memory there), none on GPU."""
+    """Forward-pass token budget: 512 on CPU (fastest per token and light on memory there), none on GPU, and none
+    where the weights are sharded (FSDP, ZeRO-3): every forward there gathers weights with the other processes, so
+    all must make the same number of passes, which cutting each one's micro-batches by its own tokens would break."""
+    sharded = train_cfg.fsdp.enabled or bool(train_cfg.deepspeed) and \
+        zero_stage(read_deepspeed_config(train_cfg.deepspeed)) == 3
+    if sharded:
+        if train_cfg.forward_tokens:
+            raise ConfigError("train.forward_tokens cuts each process's micro-batches by its own tokens, which would "
+                              "put processes with sharded weights (FSDP, DeepSpeed ZeRO-3) out of step; remove it "
+                              "(or set batch_size smaller)")
+        return 0
     if train_cfg.forward_tokens is not None:
         return train_cfg.forward_tokens
     if any(m.enabled and m.layerwise for m in (train_cfg.galore, train_cfg.apollo)):

@@ -414,3 +414,17 @@ def test_fsdp_where_it_cannot_run_is_one_message(change, message, tmp_path, tiny
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match=f"cfg.yaml: FSDP .* cannot run: .*{message}"):
         load(str(path))
+
+
+def test_sharded_weights_get_one_forward_per_micro_batch():
+    # Each forward over FSDP's or ZeRO-3's shards gathers weights with the other processes: a token budget that cuts
+    # one process's micro-batch into more passes than another's would put them out of step.
+    from tuneforge.config.schema import FsdpConfig, TrainConfig
+    from tuneforge.run import forward_tokens
+
+    assert forward_tokens(TrainConfig(device="cpu")) == 512  # CPU default without sharding
+    assert forward_tokens(TrainConfig(device="cpu", deepspeed=str(DS / "ds_z2_config.json"))) == 512
+    assert forward_tokens(TrainConfig(device="cpu", deepspeed=str(DS / "ds_z3_config.json"))) == 0
+    assert forward_tokens(TrainConfig(device="cpu", fsdp=FsdpConfig(enabled=True))) == 0
+    with pytest.raises(ConfigError, match="train.forward_tokens .* out of step"):
+        forward_tokens(TrainConfig(device="cpu", forward_tokens=256, fsdp=FsdpConfig(enabled=True)))
