@@ -1,7 +1,30 @@
 """Training throughput of `tuneforge train` on the embedded SmolLM2-135M-Instruct (LoRA r8, all linear layers).
 
 Usage: python benchmarks/train_throughput.py [--steps 20] [--rows 200]
+       python benchmarks/train_throughput.py --against-llamafactory [--rows 48] [--repeats 2] [--lf-venv PATH]
 
+--against-llamafactory: tuneforge and LLaMA-Factory 0.9.5 side by side, in one run, on the same data
+----------------------------------------------------------------------------------------------------------------
+A synthetic alpaca set (default 48 rows; outputs ~30 to ~450 tokens, log-uniformly, so every sequence fits the
+512-token cutoff and neither tool truncates) and ONE LLaMA-Factory-style flat YAML (stage sft, LoRA r8 on all linear
+layers, cutoff 512, batch 4, no accumulation, bf16, chatml, 1 epoch) are written into a temp folder. LF 0.9.5 is
+installed into its own cached venv on first use (benchmarks/lfbench.py: CPU torch pinned, its CUDA torchvision and
+torchaudio removed). Each tool runs its best configuration for this machine, each as its own process:
+
+- LF:                 `llamafactory-cli train` plus `use_cpu: true` (bf16 on a CPU), `packing: true` and
+                      `disable_gradient_checkpointing: true` (its fastest CPU setting; LF packs rows into shared
+                      512-token blocks whose rows attend to each other);
+- tuneforge:          `tuneforge train` on the same YAML (length-grouped padded batches, its default);
+- tuneforge+packing:  plus `packing: true` (rows packed into 512-token blocks the way LF packs them).
+
+The runs alternate (LF, tuneforge, tuneforge+packing, then again with --repeats 2) and the table gives medians:
+training-loop seconds (each tool's own clock), whole-command wall time, launch to the first optimizer step, non-
+padding tokens/s (the rows' chatml tokens, counted once here and checked against LF's own chatml encoding, over
+the loop seconds), peak RSS, MFU (below) and the ratios to LF. The CPU time other processes took during each run
+is printed; above 0.2 cores the comparison is flagged as invalid.
+
+Default mode: tuneforge alone, three configurations
+------------------------------------------------------
 A synthetic alpaca set of 200 rows is written whose outputs range log-uniformly from ~30 to ~1,200 tokens; each
 configuration is run as its own `tuneforge train` process (cutoff 512, batch 4, no accumulation) and measured from
 its metrics.jsonl and its resource usage:
@@ -30,10 +53,21 @@ from pathlib import Path
 
 import torch
 import yaml
-
-WORDS = ("the model learns from data and every example shows a pattern that a careful reader can follow while "
-         "numbers letters cities rivers music science history language computer garden winter summer bridge "
-         "light energy ocean mountain forest engine theory market culture health teacher student question").split()
+from lfbench import (
+    DEFAULT_LF_VENV,
+    LF_ENV,
+    WORDS,
+    Run,
+    ensure_lf_venv,
+    fail,
+    machine,
+    measure,
+    print_table,
+    sample_text,
+    tuneforge_keys,
+    versions,
+    write_config,
+)
 
 
 def make_dataset(folder: Path, rows: int, tokenizer, seed: int = 0) -> None:
@@ -109,10 +143,123 @@ def run_one(name: str, data_dir: Path, work: Path, steps: int, extra: list[str])
     }
 
 
+# ------------------------------------------------------------------------------ side by side with LLaMA-Factory
+
+LF_BEST = {"use_cpu": True, "packing": True, "disable_gradient_checkpointing": True}
+
+
+def make_sft_rows(folder: Path, rows: int, tokenizer, seed: int = 0) -> list[dict]:
+    """Alpaca rows: instructions ~8-40 tokens, outputs ~30-450 tokens (log-uniform); all within the cutoff."""
+    rng = random.Random(seed)
+    data = []
+    for i in range(rows):
+        instruction = sample_text(rng, tokenizer, int(math.exp(rng.uniform(math.log(8), math.log(40)))))
+        output = sample_text(rng, tokenizer, int(math.exp(rng.uniform(math.log(30), math.log(450)))))
+        data.append({"instruction": f"Passage {i}: {instruction}", "input": "", "output": output})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench.json").write_text(json.dumps(data), encoding="utf-8")
+    (folder / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.json"}}), encoding="utf-8")
+    return data
+
+
+def row_lengths(rows: list[dict], tokenizer) -> list[int]:
+    """Each row's token count (prompt + response) with tuneforge's chatml template."""
+    from tuneforge.data.types import Message
+    from tuneforge.templates import get_template
+
+    template = get_template("chatml", tokenizer)
+    lengths = []
+    for row in rows:
+        (prompt, response), = template.encode_pairs(
+            [Message("user", row["instruction"]), Message("assistant", row["output"])], None, None)
+        lengths.append(len(prompt) + len(response))
+    return lengths
+
+
+LF_LENGTHS = """
+import json, sys
+from transformers import AutoTokenizer
+from llamafactory.data.template import get_template_and_fix_tokenizer
+from llamafactory.hparams import DataArguments
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template="chatml"))
+out = []
+for row in json.load(open(sys.argv[2])):
+    msgs = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]
+    prompt, response = template.encode_oneturn(tokenizer, msgs)
+    out.append(len(prompt) + len(response))
+print("LENGTHS" + json.dumps(out))
+"""
+
+
+def check_lf_lengths(python: Path, model_dir: Path, data: Path, ours: list[int]) -> str:
+    """Encode the rows with LF's own chatml template; a note on whether the token counts equal ours."""
+    result = subprocess.run([str(python), "-c", LF_LENGTHS, str(model_dir), str(data / "bench.json")],
+                            capture_output=True, text=True, env={**os.environ, **LF_ENV})
+    if result.returncode != 0:
+        fail("encoding the rows with LF's chatml template failed", result.stdout + result.stderr)
+    line = next(x for x in result.stdout.splitlines() if x.startswith("LENGTHS"))
+    theirs = json.loads(line[len("LENGTHS"):])
+    if theirs == ours:
+        return f"LF's chatml encodes all {len(ours)} rows to the same token counts as tuneforge's chatml"
+    return (f"WARNING: LF's chatml token counts differ from tuneforge's on "
+            f"{sum(a != b for a, b in zip(theirs, ours))} of {len(ours)} rows ({sum(theirs)} vs {sum(ours)} tokens)")
+
+
+def against_llamafactory(args: argparse.Namespace, tokenizer, model_dir: Path, fpt: float, peak: float) -> None:
+    """Both tools on one shared YAML, alternating; the table of medians and the ratios."""
+    from tuneforge.config.load import load
+
+    lf_cli = ensure_lf_venv(args.lf_venv.expanduser())
+    print(f"versions: {versions(lf_cli.parent / 'python')}")
+    with tempfile.TemporaryDirectory(prefix="tuneforge-sft-bench-") as tmp:
+        work = Path(tmp)
+        rows = make_sft_rows(work / "data", args.rows, tokenizer)
+        lengths = row_lengths(rows, tokenizer)
+        tokens = sum(lengths)
+        print(f"data: {len(rows)} rows of {min(lengths)}-{max(lengths)} tokens (chatml), {tokens} non-padding tokens")
+        print("template: " + check_lf_lengths(lf_cli.parent / "python", model_dir, work / "data", lengths))
+        shared = {"stage": "sft", "do_train": True, "model_name_or_path": str(model_dir), "finetuning_type": "lora",
+                  "lora_rank": 8, "lora_target": "all", "dataset_dir": str(work / "data"), "dataset": "bench",
+                  "template": "chatml", "cutoff_len": 512, "per_device_train_batch_size": 4,
+                  "gradient_accumulation_steps": 1, "bf16": True, "learning_rate": 1.0e-4, "num_train_epochs": 1,
+                  "logging_steps": 1, "save_steps": 100000, "report_to": "none", "overwrite_output_dir": True,
+                  "plot_loss": False}
+        print("shared YAML:\n" + "\n".join(f"  {k}: {v}" for k, v in shared.items()))
+        notes = [f"LF: added `{k}: {v}`" for k, v in LF_BEST.items()] + [f"LF: environment {k}={v}"
+                                                                          for k, v in LF_ENV.items()]
+        lf_yaml = write_config({**shared, **LF_BEST}, work / "lf.yaml", work / "lf")
+        cache = work / "cache" / "lf"
+        runs = [Run("LF", [str(lf_cli), "train", str(lf_yaml)], work / "lf",
+                    {**LF_ENV, "HF_DATASETS_CACHE": str(cache)}, cache)]
+        kept, dropped = tuneforge_keys(shared)
+        notes += dropped + ["tuneforge+packing: added `packing: true`"]
+        for name, extra in (("tuneforge", {}), ("tuneforge+packing", {"packing": True})):
+            path = write_config({**kept, **extra}, work / f"{name}.yaml", work / name)
+            load(path)  # fail here, clearly, if tuneforge refuses the config
+            cache = work / "cache" / name
+            runs.append(Run(name, [sys.executable, "-m", "tuneforge", "train", str(path), f"data.cache_dir={cache}"],
+                            work / name, cache=cache))
+        notes.append("caches: every run tokenizes into an emptied cache folder of its own")
+        print("differences from the shared YAML:\n" + "\n".join(f"  - {n}" for n in notes))
+        for _ in range(args.repeats):
+            for run in runs:
+                measure(run, tokens)
+    print(f"\nmachine: {machine()}; matmul peak measured here: bf16 {peak:.0f} GFLOP/s; "
+          f"model FLOPs per token {fpt / 1e6:.0f} M")
+    print_table(runs, False, mfu=lambda run, tok_s: fpt * tok_s / (peak * 1e9))
+    print("tok/s = the rows' non-padding tokens / loop seconds; MFU = FLOPs per token x tok/s / the bf16 matmul "
+          "peak. Valid only side by side, in one run, on one machine.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--rows", type=int, default=None, help="rows in the synthetic set (200; 48 against LF)")
+    parser.add_argument("--against-llamafactory", action="store_true",
+                        help="run LLaMA-Factory 0.9.5 and tuneforge side by side on the same data and YAML")
+    parser.add_argument("--repeats", type=int, default=2, help="alternations against LF (medians are printed)")
+    parser.add_argument("--lf-venv", type=Path, default=DEFAULT_LF_VENV)
     args = parser.parse_args()
     from tuneforge.config.schema import ModelConfig
     from tuneforge.models.embedded import embedded_model_dir
@@ -128,6 +275,10 @@ def main() -> None:
     print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s "
           f"(vocabulary projection bf16 {head_peak:.0f})")
     print(f"model FLOPs per token: {fpt / 1e6:.0f} M (6 x trained + 4 x frozen weights)")
+    if args.against_llamafactory:
+        args.rows = args.rows or 48
+        return against_llamafactory(args, tokenizer, embedded_model_dir(), fpt, peaks["bf16"])
+    args.rows = args.rows or 200
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         make_dataset(work / "data", args.rows, tokenizer)

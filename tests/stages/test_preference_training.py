@@ -182,7 +182,9 @@ def test_rm_trains_value_head_and_lora_and_saves_lf_layout(make_cfg):
     finish(job, fit_job(job))
     after = snapshot(job.model)
     moved = {n for n in after if not torch.equal(after[n], before[n])}
-    assert {"v_head.summary.weight", "v_head.summary.bias"} <= moved
+    # the head's bias cancels in s_chosen - s_rejected: its gradient is zero up to the rounding of a sum, which
+    # AdamW can still blow up to a full step, so whether it moves says nothing
+    assert "v_head.summary.weight" in moved
     assert all("lora_" in n or n.startswith("v_head") for n in moved)
     assert "accuracy" in records(cfg)[0]
     head = Path(cfg.output.dir) / "adapter" / "value_head.safetensors"

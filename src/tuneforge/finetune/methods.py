@@ -234,6 +234,18 @@ def merge_adapters(model: nn.Module, adapters: list[str]) -> nn.Module:
     return model
 
 
+def adapter_inputs_as_autocast(model: nn.Module) -> Any:
+    """Context for a forward pass: under autocast, adapter layers take their input as it comes.
+
+    peft casts each adapter's input to the adapter weight's dtype (fp32 under bf16 training), and autocast casts it
+    straight back to bf16 for the matmul: an exact round trip that copies every layer input twice. Outside
+    autocast the cast is needed (a bf16 input meeting fp32 adapter weights), so it stays on there."""
+    from peft.helpers import disable_input_dtype_casting
+
+    autocast = any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+    return disable_input_dtype_casting(model, active=autocast)
+
+
 def full_numel(param: nn.Parameter) -> int:
     """A parameter's whole size (DeepSpeed ZeRO-3 may have partitioned it at load time)."""
     return getattr(param, "ds_numel", None) or param.numel()

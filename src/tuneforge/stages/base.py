@@ -160,9 +160,23 @@ def uses_fused_head(lm: nn.Module) -> bool:
     return not special and isinstance(head, nn.Linear) and head.bias is None
 
 
+def model_mask(batch: Batch) -> Tensor | None:
+    """The attention mask a training forward hands the model: none when every row is only right-padded.
+
+    Causal attention never looks right, so a real token sees exactly what the padding mask would let it see; the
+    padded positions' outputs change but are never read (no trained label, never a row's last real token). The
+    attention kernel then runs causal with grouped KV heads, without a materialised [b, 1, t, t] mask or copies
+    of the KV heads."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return None
+    right_padded = torch.arange(mask.shape[1], device=mask.device)[None, :] < mask.sum(-1, keepdim=True)
+    return None if torch.equal(mask.bool(), right_padded) else mask
+
+
 def decoder_hidden(lm: nn.Module, batch: Batch) -> Tensor:
     """Last hidden states [b, t, h] of the decoder (no output head)."""
-    return lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+    return lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=model_mask(batch),
                             position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
 
 
@@ -177,7 +191,7 @@ def batch_token_logps(model: nn.Module, batch: Batch, uniform_grad: bool = False
         values, hits = token_logps(hidden, lm.get_output_embeddings().weight, labels[keep], uniform_grad)
         return TokenLogps(values, rows, labels.shape[0], hits)
     # heads with soft-capping or scaling: the model's own logits
-    logits = lm(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+    logits = lm(input_ids=batch["input_ids"], attention_mask=model_mask(batch),
                 position_ids=batch.get("position_ids"), use_cache=False).logits[:, :-1][keep].float()
     values = logits.log_softmax(-1).gather(1, labels[keep][:, None]).squeeze(1)
     hits = None if torch.is_grad_enabled() else logits.argmax(-1) == labels[keep]

@@ -23,6 +23,7 @@ from tuneforge.stages.base import (
     batch_token_logps,
     decoder_hidden,
     metric,
+    model_mask,
     pad,
     unwrap_causal_lm,
     uses_fused_head,
@@ -97,7 +98,7 @@ def trained_outputs(model: nn.Module, batch: Batch) -> TrainedOutputs:
     if uses_fused_head(lm):
         hidden = decoder_hidden(lm, batch)[:, :-1][keep]
         return TrainedOutputs(labels[keep], hidden=hidden, weight=lm.get_output_embeddings().weight)
-    logits = lm(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+    logits = lm(input_ids=batch["input_ids"], attention_mask=model_mask(batch),
                 position_ids=batch.get("position_ids"), use_cache=False).logits[:, :-1][keep].float()
     return TrainedOutputs(labels[keep], logits=logits)
 

@@ -37,6 +37,7 @@ from tuneforge.stages.base import (
     attention_mask,
     decoder_hidden,
     metric,
+    model_mask,
     pad,
     unwrap_causal_lm,
     uses_fused_head,
@@ -59,7 +60,7 @@ def completion_logps(model: nn.Module, batch: Batch, temperature: float) -> Tens
         hidden = decoder_hidden(lm, batch)[:, :-1][keep] / temperature
         values, _ = token_logps(hidden, lm.get_output_embeddings().weight, labels[keep])
     else:
-        logits = lm(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+        logits = lm(input_ids=batch["input_ids"], attention_mask=model_mask(batch),
                     use_cache=False).logits[:, :-1][keep].float() / temperature
         values = logits.log_softmax(-1).gather(1, labels[keep][:, None]).squeeze(1)
     out = torch.zeros(labels.shape, dtype=values.dtype, device=values.device)

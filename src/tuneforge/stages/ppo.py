@@ -45,6 +45,7 @@ from tuneforge.stages.base import (
     attention_mask,
     decoder_hidden,
     metric,
+    model_mask,
     pad,
     unwrap_causal_lm,
     uses_fused_head,
@@ -96,7 +97,7 @@ def logps_and_values(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
         hidden = decoder_hidden(lm, batch)[:, :-1]
         values, _ = token_logps(hidden[keep], lm.get_output_embeddings().weight, labels[keep])
     else:  # heads with soft-capping or scaling: the model's own logits
-        out = lm(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), output_hidden_states=True,
+        out = lm(input_ids=batch["input_ids"], attention_mask=model_mask(batch), output_hidden_states=True,
                  use_cache=False)
         hidden = out.hidden_states[-1][:, :-1]
         values = out.logits[:, :-1][keep].float().log_softmax(-1).gather(1, labels[keep][:, None]).squeeze(1)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tuneforge.config.rules import eval_interval
 from tuneforge.config.schema import LoraConfig, TrainConfig
 from tuneforge.errors import ConfigError
+from tuneforge.finetune.methods import adapter_inputs_as_autocast
 from tuneforge.stages.base import Stage
 from tuneforge.train.batches import BatchPlan, epoch_of, split_by_tokens, step_batches
 from tuneforge.train.checkpoint import (
@@ -61,7 +62,8 @@ class LossModule(nn.Module):
         return getattr(unwrap_causal_lm(self.model), "config", None)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        out = self.stage.loss(self.model, batch)
+        with adapter_inputs_as_autocast(self.model):
+            out = self.stage.loss(self.model, batch)
         return out.loss_sum, out.units, out.metrics
 
 

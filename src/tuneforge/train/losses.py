@@ -34,12 +34,12 @@ class _LinearTokenLogps(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start:start + chunk].to(compute_dtype)  # [c, h]
                 y = targets[start:start + chunk]  # [c]
-                grad_logits, logp = _chunk_grad(h, w, y)
+                neg_grad_logits, logp = _chunk_grad(h, w, y)
                 logps[start:start + chunk] = logp
                 if grad_hidden is not None:
-                    grad_hidden[start:start + chunk] = (grad_logits @ w).to(hidden.dtype)
+                    grad_hidden[start:start + chunk] = (neg_grad_logits @ w).neg_().to(hidden.dtype)
                 if grad_weight is not None:
-                    grad_weight += (grad_logits.T @ h).float()
+                    grad_weight -= (neg_grad_logits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight, hidden if ctx.needs_input_grad[1] else None,
                               weight if ctx.needs_input_grad[1] else None, targets)
         ctx.compute_dtype, ctx.chunk, ctx.weight_dtype = compute_dtype, chunk, weight.dtype
@@ -60,21 +60,23 @@ class _LinearTokenLogps(torch.autograd.Function):
                 with torch.autocast(hidden.device.type, enabled=False):
                     for start in range(0, hidden.shape[0], ctx.chunk):
                         h = hidden[start:start + ctx.chunk].to(ctx.compute_dtype)
-                        grad_logits, _ = _chunk_grad(h, w, targets[start:start + ctx.chunk])
-                        scaled = grad_logits * g[start:start + ctx.chunk, None].to(grad_logits.dtype)
-                        gw += (scaled.T @ h).float()
+                        neg_grad_logits, _ = _chunk_grad(h, w, targets[start:start + ctx.chunk])
+                        scaled = neg_grad_logits * g[start:start + ctx.chunk, None].to(neg_grad_logits.dtype)
+                        gw -= (scaled.T @ h).float()
             gw = gw.to(ctx.weight_dtype)
         return gh, gw, None, None, None, None
 
 
 def _chunk_grad(h: Tensor, w: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """d log p(y) / d logits (= one_hot(y) - softmax) in the compute dtype, and log p(y) in fp32."""
-    logits = (h @ w.T).float()  # [c, v]
-    lse = torch.logsumexp(logits, dim=-1)  # [c]
-    logp = logits.gather(1, y[:, None]).squeeze(1) - lse
-    grad = torch.exp(logits.sub_(lse[:, None])).neg_()
-    grad[torch.arange(len(y), device=y.device), y] += 1
-    return grad.to(h.dtype), logp
+    """softmax - one_hot(y) (= -d log p(y) / d logits) in the compute dtype, and log p(y) in fp32.
+
+    One fused log-softmax reads the compute-dtype logits and writes fp32 log-probs; the probabilities overwrite
+    them in place. The sign is left to the callers' [c, h] products, a vocabulary-sized pass fewer."""
+    logp = torch.log_softmax(h @ w.T, dim=-1, dtype=torch.float32)  # [c, v]
+    target = logp.gather(1, y[:, None]).squeeze(1)
+    probs = logp.exp_()
+    probs[torch.arange(len(y), device=y.device), y] -= 1
+    return probs.to(h.dtype), target
 
 
 @dataclass
@@ -117,9 +119,9 @@ def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, uniform_grad: b
         w = weight.to(dtype)
         logps, hits = [], []
         for start in range(0, hidden.shape[0], chunk):
-            logits = (hidden[start:start + chunk].to(dtype) @ w.T).float()
+            logits = hidden[start:start + chunk].to(dtype) @ w.T
             y = targets[start:start + chunk]
-            logps.append(logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1))
+            logps.append(torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, y[:, None]).squeeze(1))
             hits.append(logits.argmax(-1) == y)
         return torch.cat(logps), torch.cat(hits)
 

@@ -1,0 +1,99 @@
+"""The training step's shortcuts compute what the plain path computes: a right-padded batch runs without its
+attention mask, and adapters take their bf16 input as it comes under autocast (peft's cast to fp32 and autocast's
+cast back are an exact round trip). Each is compared with the plain path through the loop's own loss module."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from tuneforge.stages import base, causal_lm
+from tuneforge.train import loop
+
+
+def step(job, batch, precision: str) -> tuple[float, dict[str, torch.Tensor]]:
+    """One forward and backward of the loop's loss module: the loss and every trainable parameter's gradient."""
+    module = loop.LossModule(job.model, job.stage)
+    job.model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss_sum, units, _ = module(batch)
+        (loss_sum / units).backward()
+    return float(loss_sum.detach() / units), {n: p.grad.clone() for n, p in job.model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def lora_job(make_cfg):
+    from tuneforge.run import prepare
+
+    def make(precision: str):
+        job = prepare(make_cfg("finetune.method=lora", "finetune.lora.rank=4", f"train.precision={precision}"))
+        torch.manual_seed(0)
+        with torch.no_grad():  # as after some training: lora_B off zero, so lora_A gets gradients too
+            for name, param in job.model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+        rows = sorted(job.train_rows, key=lambda r: len(r["input_ids"]))[::4][:4]  # four different lengths
+        batch = job.stage.collate(rows)
+        lengths = [len(r["input_ids"]) for r in rows]
+        assert len(set(lengths)) > 1 and batch["attention_mask"].sum(-1).tolist() == lengths  # really padded
+        return job, batch
+
+    return make
+
+
+def with_mask_passed(monkeypatch) -> None:
+    """The plain path: the padding mask handed to the model as collated."""
+    keep = lambda batch: batch.get("attention_mask")  # noqa: E731
+    monkeypatch.setattr(base, "model_mask", keep)
+    monkeypatch.setattr(causal_lm, "model_mask", keep)
+
+
+def test_which_masks_are_dropped():
+    right = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    assert base.model_mask({"attention_mask": right}) is None
+    left = torch.tensor([[1, 1, 1], [0, 1, 1]])  # left padding: the mask changes what real tokens see
+    assert base.model_mask({"attention_mask": left}) is left
+    holes = torch.tensor([[1, 0, 1]])
+    assert base.model_mask({"attention_mask": holes}) is holes
+    assert base.model_mask({}) is None
+
+
+def test_a_right_padded_batch_without_its_mask_gives_the_same_loss_and_gradients(lora_job, monkeypatch):
+    job, batch = lora_job("fp32")
+    assert base.model_mask(batch) is None  # the production path hands the model no mask for this batch
+    loss, grads = step(job, batch, "fp32")
+    with monkeypatch.context() as patch:
+        with_mask_passed(patch)
+        plain_loss, plain_grads = step(job, batch, "fp32")
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    assert grads.keys() == plain_grads.keys() and len(grads) > 0
+    for name in grads:
+        scale = plain_grads[name].abs().max().item()
+        assert scale > 0, name
+        assert (grads[name] - plain_grads[name]).abs().max().item() <= 1e-5 * scale, name
+
+
+def test_adapters_under_autocast_skip_the_fp32_round_trip_bit_for_bit(lora_job, monkeypatch):
+    job, batch = lora_job("bf16")
+    copies = []
+    original = torch.Tensor.to
+
+    def counting_to(tensor, *args, **kwargs):
+        result = original(tensor, *args, **kwargs)
+        if result.dtype == torch.float32 and tensor.dtype == torch.bfloat16 and tensor.dim() == 3:
+            copies.append(tuple(tensor.shape))  # a [b, t, h] activation upcast
+        return result
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    loss, grads = step(job, batch, "bf16")
+    ours = len(copies)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "adapter_inputs_as_autocast", lambda model: contextlib.nullcontext())
+        plain_loss, plain_grads = step(job, batch, "bf16")
+    plain = len(copies) - ours
+    assert loss == plain_loss
+    assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
+    # peft upcast every adapter input (2 layers x 7 adapted projections); now none is
+    assert plain - ours == 2 * 7, (ours, plain)
