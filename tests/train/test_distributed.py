@@ -422,8 +422,8 @@ def test_sharded_weights_get_one_forward_per_micro_batch():
     from tuneforge.config.schema import FsdpConfig, TrainConfig
     from tuneforge.run import forward_tokens
 
-    assert forward_tokens(TrainConfig(device="cpu")) == 512  # CPU default without sharding
-    assert forward_tokens(TrainConfig(device="cpu", deepspeed=str(DS / "ds_z2_config.json"))) == 512
+    assert forward_tokens(TrainConfig(device="cpu")) == 1024  # CPU default without sharding
+    assert forward_tokens(TrainConfig(device="cpu", deepspeed=str(DS / "ds_z2_config.json"))) == 1024
     assert forward_tokens(TrainConfig(device="cpu", deepspeed=str(DS / "ds_z3_config.json"))) == 0
     assert forward_tokens(TrainConfig(device="cpu", fsdp=FsdpConfig(enabled=True))) == 0
     with pytest.raises(ConfigError, match="train.forward_tokens .* out of step"):

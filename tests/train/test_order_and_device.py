@@ -42,4 +42,4 @@ def test_use_cpu_trains_on_the_cpu_even_with_a_gpu_visible(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is "visible"
     acc, precision = make_accelerator(cfg.train)
     assert acc.device.type == "cpu" and precision == "bf16"
-    assert forward_tokens(cfg.train) == 512  # the CPU's forward budget
+    assert forward_tokens(cfg.train) == 1024  # the CPU's forward budget

@@ -327,7 +327,7 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     """Extra loggers: tensorboard, wandb, swanlab, mlflow."""
     forward_tokens: int | None = None
-    """Most padded tokens per forward pass; micro-batches are cut to fit (same gradient). Default: 512 on CPU,
+    """Most padded tokens per forward pass; micro-batches are cut to fit (same gradient). Default: 1024 on CPU,
     no limit on GPU; 0 disables."""
     group_by_length: bool = True
     """Batch rows of similar length together (less padding); the order stays seeded and resumable."""
