@@ -42,9 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -53,8 +51,9 @@ from lfbench import (
     DEFAULT_LF_VENV,
     LF_ENV,
     Run,
+    chatml_lengths,
+    check_lf_chatml,
     ensure_lf_venv,
-    fail,
     machine,
     measure,
     print_table,
@@ -89,55 +88,9 @@ def make_pairs(folder: Path, pairs: int, tokenizer, seed: int = 0) -> list[dict]
     return rows
 
 
-def pair_lengths(rows: list[dict], tokenizer) -> list[tuple[int, int]]:
-    """(chosen sequence, rejected sequence) token counts of each pair, prompt included, with tuneforge's chatml."""
-    from tuneforge.data.types import Message
-    from tuneforge.templates import get_template
-
-    template = get_template("chatml", tokenizer)
-    lengths = []
-    for row in rows:
-        sides = []
-        for answer in (row["chosen"], row["rejected"]):
-            (prompt, response), = template.encode_pairs(
-                [Message("user", row["instruction"]), Message("assistant", answer)], None, None)
-            sides.append(len(prompt) + len(response))
-        lengths.append((sides[0], sides[1]))
-    return lengths
-
-
-LF_LENGTHS = """
-import json, sys
-from transformers import AutoTokenizer
-from llamafactory.data.template import get_template_and_fix_tokenizer
-from llamafactory.hparams import DataArguments
-tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
-template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template="chatml"))
-out = []
-for row in json.load(open(sys.argv[2])):
-    sides = []
-    for answer in (row["chosen"], row["rejected"]):
-        msgs = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": answer}]
-        prompt, response = template.encode_oneturn(tokenizer, msgs)
-        sides.append(len(prompt) + len(response))
-    out.append(sides)
-print("LENGTHS" + json.dumps(out))
-"""
-
-
-def check_lf_template(python: Path, model_dir: Path, data: Path, ours: list[tuple[int, int]]) -> str:
-    """Encode the pairs with LF's own chatml template; a note on whether the token counts equal ours."""
-    result = subprocess.run([str(python), "-c", LF_LENGTHS, str(model_dir), str(data / "pairs.json")],
-                            capture_output=True, text=True, env={**os.environ, **LF_ENV})
-    if result.returncode != 0:
-        fail("encoding the pairs with LF's chatml template failed", result.stdout + result.stderr)
-    line = next(x for x in result.stdout.splitlines() if x.startswith("LENGTHS"))
-    theirs = [tuple(x) for x in json.loads(line[len("LENGTHS"):])]
-    if theirs == list(ours):
-        return f"LF's chatml encodes all {len(ours)} pairs to the same token counts as tuneforge's chatml"
-    diff = sum(1 for a, b in zip(theirs, ours) if a != b)
-    return (f"WARNING: LF's chatml token counts differ from tuneforge's on {diff} of {len(ours)} pairs "
-            f"(LF {sum(map(sum, theirs))} vs tuneforge {sum(map(sum, ours))} tokens)")
+def pair_turns(rows: list[dict]) -> list[tuple[str, str]]:
+    """The chosen and the rejected conversation of each pair, in that order."""
+    return [(row["instruction"], row[side]) for row in rows for side in ("chosen", "rejected")]
 
 
 def base_config(model_dir: Path, data: Path, args: argparse.Namespace) -> dict:
@@ -225,7 +178,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tuneforge-dpo-bench-") as tmp:
         work = Path(tmp)
         rows = make_pairs(work / "data", args.pairs, tokenizer)
-        lengths = pair_lengths(rows, tokenizer)
+        flat = chatml_lengths(pair_turns(rows), tokenizer)
+        lengths = list(zip(flat[::2], flat[1::2]))  # (chosen, rejected) per pair
         per_pair = [c + r for c, r in lengths]
         # With max_steps the trained pairs are not all of them once: estimate from the mean pair.
         tokens = (args.max_steps * BATCH * sum(per_pair) / len(per_pair) if args.max_steps
@@ -236,7 +190,7 @@ def main() -> None:
         shared = base_config(model_dir, work / "data", args)
         print("shared YAML:\n" + "\n".join(f"  {k}: {v}" for k, v in shared.items()))
         if lf_cli:
-            print("template: " + check_lf_template(lf_cli.parent / "python", model_dir, work / "data", lengths))
+            print("template: " + check_lf_chatml(lf_cli.parent / "python", model_dir, pair_turns(rows), flat, work))
         else:
             print("LF: skipped (--no-lf): tuneforge runs only, no ratios")
         runs, notes = build_runs(work, shared, lf_cli, args.lf_no_checkpointing)

@@ -242,3 +242,51 @@ def print_table(runs: list[Run], estimated: bool, mfu: Callable[[Run, float], fl
     if any(f["others"] > 0.2 for run in runs for f in run.figures):
         print("WARNING: other processes used the CPUs during some runs ('others', cores, the most of any repeat): "
               "these figures are not a valid comparison; rerun on an idle machine.")
+
+
+def chatml_lengths(turns: list[tuple[str, str]], tokenizer) -> list[int]:
+    """Token count of each one-turn conversation (user prompt, assistant answer) with tuneforge's chatml."""
+    from tuneforge.data.types import Message
+    from tuneforge.templates import get_template
+
+    template = get_template("chatml", tokenizer)
+    lengths = []
+    for prompt_text, answer in turns:
+        (prompt, response), = template.encode_pairs([Message("user", prompt_text), Message("assistant", answer)],
+                                                    None, None)
+        lengths.append(len(prompt) + len(response))
+    return lengths
+
+
+LF_CHATML_LENGTHS = """
+import json, sys
+from transformers import AutoTokenizer
+from llamafactory.data.template import get_template_and_fix_tokenizer
+from llamafactory.hparams import DataArguments
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template="chatml"))
+out = []
+for prompt, answer in json.load(open(sys.argv[2])):
+    msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    ids, labels = template.encode_oneturn(tokenizer, msgs)
+    out.append(len(ids) + len(labels))
+print("LENGTHS" + json.dumps(out))
+"""
+
+
+def check_lf_chatml(python: Path, model_dir: Path, turns: list[tuple[str, str]], ours: list[int], work: Path) -> str:
+    """Encode the same one-turn conversations with LF's own chatml template (in its venv); a note on whether the
+    token counts equal tuneforge's."""
+    path = work / "lf-chatml-turns.json"
+    path.write_text(json.dumps(turns), encoding="utf-8")
+    result = subprocess.run([str(python), "-c", LF_CHATML_LENGTHS, str(model_dir), str(path)],
+                            capture_output=True, text=True, env={**os.environ, **LF_ENV})
+    if result.returncode != 0:
+        fail("encoding the rows with LF's chatml template failed", result.stdout + result.stderr)
+    line = next(x for x in result.stdout.splitlines() if x.startswith("LENGTHS"))
+    theirs = json.loads(line[len("LENGTHS"):])
+    if theirs == ours:
+        return f"LF's chatml encodes all {len(ours)} sequences to the same token counts as tuneforge's chatml"
+    return (f"WARNING: LF's chatml token counts differ from tuneforge's on "
+            f"{sum(a != b for a, b in zip(theirs, ours))} of {len(ours)} sequences "
+            f"(LF {sum(theirs)} vs tuneforge {sum(ours)} tokens)")

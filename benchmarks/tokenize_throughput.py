@@ -22,21 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from lfbench import (
     DEFAULT_LF_VENV,
     LF_ENV,
-    busy_cpu_seconds,
+    Run,
     ensure_lf_venv,
-    fail,
+    launch,
     machine,
     sample_text,
     tuneforge_keys,
@@ -72,21 +68,6 @@ def make_rows(path: Path, rows: int, tokenizer, seed: int = 0) -> None:
     (path.parent / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": path.name}}), encoding="utf-8")
 
 
-def timed(name: str, command: list[str], env: dict[str, str], caches: list[Path], log: Path) -> dict:
-    """Run one cold tokenization to the end; wall time, peak RSS and the other processes' CPU use."""
-    for cache in caches:
-        shutil.rmtree(cache, ignore_errors=True)
-    busy = busy_cpu_seconds()
-    with open(log, "w") as out:
-        start = time.time()
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.time() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        fail(f"{name} failed", log.read_text(errors="replace"))
-    others = (busy_cpu_seconds() - busy - usage.ru_utime - usage.ru_stime) / wall
-    return {"wall": wall, "rss": usage.ru_maxrss / 2**20, "others": max(others, 0.0)}
-
 
 def rows_line(log: Path) -> str:
     """What the run reported about the rows it built (LF: ROWS n; tuneforge: its preview summary line)."""
@@ -121,20 +102,23 @@ def main() -> None:
         runs = []
         if lf_cli:
             lf_args = json.dumps({**shared, "use_cpu": True})
-            runs.append(("LF", [str(lf_cli.parent / "python"), "-c", LF_TOKENIZE, lf_args],
-                         {**LF_ENV, "HF_DATASETS_CACHE": str(work / "cache-lf")}, [work / "cache-lf"]))
+            runs.append(Run("LF", [str(lf_cli.parent / "python"), "-c", LF_TOKENIZE, lf_args], work / "LF",
+                            {**LF_ENV, "HF_DATASETS_CACHE": str(work / "cache-lf")}, work / "cache-lf"))
         kept, _ = tuneforge_keys(shared)
         path = write_config(kept, work / "tuneforge.yaml", work / "out")
-        runs.append(("tuneforge", [sys.executable, "-m", "tuneforge", "data", "preview", str(path), "--num", "0",
-                                   f"data.cache_dir={work / 'cache-tf'}"], {}, [work / "cache-tf"]))
-        results: dict[str, list[dict]] = {name: [] for name, *_ in runs}
+        runs.append(Run("tuneforge", [sys.executable, "-m", "tuneforge", "data", "preview", str(path), "--num", "0",
+                                      f"data.cache_dir={work / 'cache-tf'}"], work / "tuneforge",
+                        cache=work / "cache-tf"))
+        results: dict[str, list[dict]] = {run.name: [] for run in runs}
         for _ in range(args.repeats):
-            for name, command, env, caches in runs:
-                print(f"running {name} ...", flush=True)
-                result = timed(name, command, env, caches, work / f"{name}.log")
-                results[name].append(result)
-                print(f"  {name}: {result['wall']:.1f} s, peak RSS {result['rss']:.2f} GiB, other processes "
-                      f"{result['others']:.2f} cores; says: {rows_line(work / f'{name}.log')}", flush=True)
+            for run in runs:  # each cold: launch empties the run's cache first
+                print(f"running {run.name} ...", flush=True)
+                result = launch(run)
+                results[run.name].append({"wall": result["whole"], "rss": result["rss_gib"],
+                                          "others": result["others"]})
+                print(f"  {run.name}: {result['whole']:.1f} s, peak RSS {result['rss_gib']:.2f} GiB, other "
+                      f"processes {result['others']:.2f} cores; says: {rows_line(work / f'{run.name}.log')}",
+                      flush=True)
     print(f"\n{'tool':10} {'wall s':>8} {'rows/s':>9} {'peak RSS':>9} {'others':>7}")
     for name, rs in results.items():
         wall = sorted(r["wall"] for r in rs)[len(rs) // 2]

@@ -58,8 +58,9 @@ from lfbench import (
     LF_ENV,
     WORDS,
     Run,
+    chatml_lengths,
+    check_lf_chatml,
     ensure_lf_venv,
-    fail,
     machine,
     measure,
     print_table,
@@ -162,49 +163,6 @@ def make_sft_rows(folder: Path, rows: int, tokenizer, seed: int = 0) -> list[dic
     return data
 
 
-def row_lengths(rows: list[dict], tokenizer) -> list[int]:
-    """Each row's token count (prompt + response) with tuneforge's chatml template."""
-    from tuneforge.data.types import Message
-    from tuneforge.templates import get_template
-
-    template = get_template("chatml", tokenizer)
-    lengths = []
-    for row in rows:
-        (prompt, response), = template.encode_pairs(
-            [Message("user", row["instruction"]), Message("assistant", row["output"])], None, None)
-        lengths.append(len(prompt) + len(response))
-    return lengths
-
-
-LF_LENGTHS = """
-import json, sys
-from transformers import AutoTokenizer
-from llamafactory.data.template import get_template_and_fix_tokenizer
-from llamafactory.hparams import DataArguments
-tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
-template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template="chatml"))
-out = []
-for row in json.load(open(sys.argv[2])):
-    msgs = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]
-    prompt, response = template.encode_oneturn(tokenizer, msgs)
-    out.append(len(prompt) + len(response))
-print("LENGTHS" + json.dumps(out))
-"""
-
-
-def check_lf_lengths(python: Path, model_dir: Path, data: Path, ours: list[int]) -> str:
-    """Encode the rows with LF's own chatml template; a note on whether the token counts equal ours."""
-    result = subprocess.run([str(python), "-c", LF_LENGTHS, str(model_dir), str(data / "bench.json")],
-                            capture_output=True, text=True, env={**os.environ, **LF_ENV})
-    if result.returncode != 0:
-        fail("encoding the rows with LF's chatml template failed", result.stdout + result.stderr)
-    line = next(x for x in result.stdout.splitlines() if x.startswith("LENGTHS"))
-    theirs = json.loads(line[len("LENGTHS"):])
-    if theirs == ours:
-        return f"LF's chatml encodes all {len(ours)} rows to the same token counts as tuneforge's chatml"
-    return (f"WARNING: LF's chatml token counts differ from tuneforge's on "
-            f"{sum(a != b for a, b in zip(theirs, ours))} of {len(ours)} rows ({sum(theirs)} vs {sum(ours)} tokens)")
-
 
 def against_llamafactory(args: argparse.Namespace, tokenizer, model_dir: Path, fpt: float, peak: float) -> None:
     """Both tools on one shared YAML, alternating; the table of medians and the ratios."""
@@ -215,10 +173,11 @@ def against_llamafactory(args: argparse.Namespace, tokenizer, model_dir: Path, f
     with tempfile.TemporaryDirectory(prefix="tuneforge-sft-bench-") as tmp:
         work = Path(tmp)
         rows = make_sft_rows(work / "data", args.rows, tokenizer)
-        lengths = row_lengths(rows, tokenizer)
+        turns = [(row["instruction"], row["output"]) for row in rows]
+        lengths = chatml_lengths(turns, tokenizer)
         tokens = sum(lengths)
         print(f"data: {len(rows)} rows of {min(lengths)}-{max(lengths)} tokens (chatml), {tokens} non-padding tokens")
-        print("template: " + check_lf_lengths(lf_cli.parent / "python", model_dir, work / "data", lengths))
+        print("template: " + check_lf_chatml(lf_cli.parent / "python", model_dir, turns, lengths, work))
         shared = {"stage": "sft", "do_train": True, "model_name_or_path": str(model_dir), "finetuning_type": "lora",
                   "lora_rank": 8, "lora_target": "all", "dataset_dir": str(work / "data"), "dataset": "bench",
                   "template": "chatml", "cutoff_len": 512, "per_device_train_batch_size": 4,
