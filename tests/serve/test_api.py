@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from tuneforge.chat.batching import BatchSettings
 from tuneforge.chat.engine import load_engine
 from tuneforge.cli.api_cmd import adapter_names
 from tuneforge.config.schema import GenerationConfig, ModelConfig
@@ -25,7 +26,10 @@ GEN = GenerationConfig(max_new_tokens=8)
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tiny_run, tiny_run_b):
     named = adapter_names([str(tiny_run)], [f"second={tiny_run_b}"])
-    return load_engine(ModelConfig(path=str(tiny_model_dir)), "chatml", named=named)
+    engine = load_engine(ModelConfig(path=str(tiny_model_dir)), "chatml", named=named)
+    engine.start_batching(BatchSettings(max_sequences=16, cache_tokens=4096))  # greedy 'second' requests batch
+    yield engine
+    engine.stop_batching()
 
 
 def serve(engine, api_key=None):
@@ -113,11 +117,15 @@ def test_auth_is_required_when_a_key_is_set(locked_server):
 
 
 def test_fifty_concurrent_requests_all_complete(open_server, engine):
-    expected = engine.generate([Message("user", "Who are you?")], GEN, adapter="tiny_a")
+    """Greedy requests for the default adapter ('second') go through the batcher, those for 'tiny_a' run one at a
+    time beside it; streamed or not, each gets its own model's answer."""
+    models = ["second", "second", "tiny_a", "tiny_a"]
+    expected = {name: engine.generate([Message("user", "Who are you?")], GEN, adapter=name) for name in set(models)}
+    assert expected["second"] != expected["tiny_a"]
 
     def ask(i: int) -> str:
         client = openai.OpenAI(base_url=open_server, api_key="unused", timeout=300)
-        kwargs = dict(model="tiny_a", messages=[{"role": "user", "content": "Who are you?"}], max_tokens=8)
+        kwargs = dict(model=models[i % 4], messages=[{"role": "user", "content": "Who are you?"}], max_tokens=8)
         if i % 2:
             return "".join(c.choices[0].delta.content or "" for c in
                            client.chat.completions.create(stream=True, **kwargs))
@@ -125,7 +133,7 @@ def test_fifty_concurrent_requests_all_complete(open_server, engine):
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
         answers = list(pool.map(ask, range(50)))
-    assert answers == [expected] * 50
+    assert answers == [expected[models[i % 4]] for i in range(50)]
 
 
 @pytest.mark.parametrize(("body", "status", "fragment"), [

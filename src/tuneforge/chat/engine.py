@@ -1,5 +1,7 @@
 """The inference engine (transformers backend): a base model with named adapters, prompts built by the training
-template, streaming, stop words, and one generation at a time (a lock), so concurrent callers queue safely.
+template, streaming and stop words. Generations run one at a time under a lock, so concurrent callers queue safely;
+a server can start a continuous batcher (chat/batching.py) that decodes concurrent greedy requests together, and
+the locked path pauses it while it runs.
 
 Reward models (stage rm) are served by the same engine: a value head saved beside an adapter (or in a full model
 folder) is loaded with it, and `score` gives the head's value at each sequence's last token.
@@ -7,10 +9,11 @@ folder) is loaded with it, and `score` gives the head's value at each sequence's
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,33 @@ class ChatEngine:
     lock: Any = field(default_factory=threading.Lock)
     value_heads: dict[str, ValueHead] = field(default_factory=dict)  # adapter name (or MODEL_HEAD) -> its value head
     info: dict[str, Any] = field(default_factory=dict)  # what training recorded beside the last loaded weights
+    batcher: Any = None  # a running chat.batching.Batcher, when a server started one
+
+    def start_batching(self, settings: Any) -> None:
+        """Decode concurrent greedy requests for the default weights together (see chat/batching.py)."""
+        from tuneforge.chat.batching import Batcher
+
+        if self.batcher is None:
+            self.batcher = Batcher(self.model, self.stop_ids(), self.tokenizer.pad_token_id, settings)
+
+    def stop_batching(self) -> None:
+        """Stop the batcher; requests it was running get an error."""
+        if self.batcher is not None:
+            self.batcher.close()
+            self.batcher = None
+
+    @contextmanager
+    def exclusive(self, adapter: bool | str) -> Iterator[None]:
+        """The model to this caller alone, with `adapter`'s weights: the lock, and the batcher (if any) paused
+        between steps; the batcher's weights are selected again before it resumes."""
+        batcher = self.batcher
+        with self.lock, (batcher.paused() if batcher is not None else nullcontext()):
+            try:
+                with self.adapter_context(adapter), torch.no_grad():
+                    yield
+            finally:
+                if batcher is not None and self.adapters:
+                    self.model.set_adapter(self.adapters[-1])
 
     @property
     def has_adapter(self) -> bool:
@@ -109,7 +139,7 @@ class ChatEngine:
         for start in range(0, len(sequences), batch_size):
             part = sequences[start:start + batch_size]
             batch = {"input_ids": pad(part, self.tokenizer.pad_token_id), "attention_mask": attention_mask(part)}
-            with self.lock, self.adapter_context(adapter), torch.no_grad():
+            with self.exclusive(adapter):
                 device = next(self.model.parameters()).device
                 scores += last_token_scores(reward, {k: v.to(device) for k, v in batch.items()}).tolist()
         return scores
@@ -161,7 +191,7 @@ class ChatEngine:
 
         def work() -> None:
             try:
-                with self.lock, self.adapter_context(adapter), torch.no_grad():
+                with self.exclusive(adapter):
                     if gen.seed is not None:
                         torch.manual_seed(gen.seed)
                     outcome["ids"] = self.model.generate(**kwargs, streamer=streamer)[0, len(ids):]
@@ -182,6 +212,55 @@ class ChatEngine:
             result.completion_tokens = len(generated)
             result.finish_reason = "stop" if stopped or hit_eos or len(generated) < gen.max_new_tokens else "length"
 
+    def batchable(self, gen: GenerationConfig, adapter: bool | str, prompt_tokens: int) -> bool:
+        """Whether the batcher can run this request: greedy, no repetition penalty, the default weights, and a
+        prompt + answer that fit its cache."""
+        greedy = not (gen.do_sample if gen.do_sample is not None else gen.temperature > 0)
+        default = adapter is True or (not self.adapters and adapter is BASE) or \
+            (bool(self.adapters) and adapter == self.adapters[-1])
+        return (self.batcher is not None and self.batcher.running and greedy and gen.repetition_penalty == 1.0
+                and default and self.batcher.fits(prompt_tokens, gen.max_new_tokens))
+
+    async def astream(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
+                      tools: str | None = None, stop: list[str] | None = None,
+                      result: Completion | None = None) -> AsyncIterator[str]:
+        """`stream` for an event loop: through the batcher when it can run the request, else the locked path in a
+        worker thread. Both give the same text, token counts and finish reason."""
+        ids = self.prompt_ids(messages, gen.system, tools)
+        if not self.batchable(gen, adapter, len(ids)):
+            pieces = self.stream(messages, gen, adapter, tools, stop, result)
+            while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                yield piece
+            return
+        cutter = StopCutter(list(self.template.stop_words) + list(stop or []))
+        generated: list[int] = []
+        shown = 0
+        async with aclosing(self.batcher.tokens(ids, gen.max_new_tokens)) as updates:
+            async for generated in updates:
+                text = self.tokenizer.decode(generated, skip_special_tokens=False)
+                if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next token
+                    continue
+                piece, shown = text[shown:], len(text)
+                if out := cutter.feed(piece):
+                    yield out
+                if cutter.stopped:
+                    break
+        if not cutter.stopped and (tail := cutter.flush()):
+            yield tail
+        if result is not None:
+            hit_eos = bool(generated) and generated[-1] in self.stop_ids()
+            result.prompt_tokens = len(ids)
+            result.completion_tokens = len(generated)
+            result.finish_reason = "stop" if cutter.stopped or hit_eos or len(generated) < gen.max_new_tokens \
+                else "length"
+
+    async def acomplete(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
+                        tools: str | None = None, stop: list[str] | None = None) -> Completion:
+        """`complete` for an event loop (batched when possible)."""
+        result = Completion()
+        result.text = "".join([piece async for piece in self.astream(messages, gen, adapter, tools, stop, result)])
+        return result
+
     def generate_batch(self, conversations: list[list[Message]], gen: GenerationConfig,
                        adapter: bool | str = True) -> list[Completion]:
         """Answers for several prompts at once: left-padded into one batch, each cut at its stop words."""
@@ -192,7 +271,7 @@ class ChatEngine:
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
         kwargs = self._generate_kwargs(prompts[0], gen)
         kwargs.update(input_ids=input_ids, attention_mask=mask)
-        with self.lock, self.adapter_context(adapter), torch.no_grad():
+        with self.exclusive(adapter):
             if gen.seed is not None:
                 torch.manual_seed(gen.seed)
             out = self.model.generate(**kwargs)[:, longest:]
@@ -249,24 +328,47 @@ class ChatEngine:
         return nullcontext()
 
 
+class StopCutter:
+    """Text in, piece by piece; text out until a stop word appears (then `stopped`), holding back what could be
+    the start of a stop word until the next piece shows it is not."""
+
+    def __init__(self, stop_words: list[str]) -> None:
+        self.stop_words = [w for w in stop_words if w]
+        self.hold = max((len(w) for w in self.stop_words), default=0)
+        self.buffer = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """The text now safe to show ('' when nothing is)."""
+        self.buffer += piece
+        hits = [self.buffer.index(w) for w in self.stop_words if w in self.buffer]
+        if hits:
+            self.stopped = True
+            out, self.buffer = self.buffer[: min(hits)], ""
+            return out
+        if len(self.buffer) <= self.hold:
+            return ""
+        out, self.buffer = self.buffer[: len(self.buffer) - self.hold], self.buffer[len(self.buffer) - self.hold:]
+        return out
+
+    def flush(self) -> str:
+        """What was held back, at the end of the text."""
+        out, self.buffer = self.buffer, ""
+        return out
+
+
 def cut_at_stop_words(pieces: Iterator[str], stop_words: list[str]) -> Iterator[str]:
     """Pass text through until a stop word appears (returns True then); hold back a possible stop-word start."""
-    buffer = ""
-    hold = max((len(w) for w in stop_words), default=0)
+    cutter = StopCutter(stop_words)
     for piece in pieces:
-        buffer += piece
-        hits = [buffer.index(w) for w in stop_words if w and w in buffer]
-        if hits:
-            if buffer[: min(hits)]:
-                yield buffer[: min(hits)]
+        if out := cutter.feed(piece):
+            yield out
+        if cutter.stopped:
             for _ in pieces:  # let the generator finish so the worker thread ends
                 pass
             return True
-        if len(buffer) > hold:
-            yield buffer[: len(buffer) - hold]
-            buffer = buffer[len(buffer) - hold:]
-    if buffer:
-        yield buffer
+    if tail := cutter.flush():
+        yield tail
     return False
 
 

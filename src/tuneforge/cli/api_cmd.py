@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from tuneforge.chat.batching import BatchSettings
 from tuneforge.errors import ConfigError
 
 
@@ -23,6 +24,12 @@ def register(sub: Any) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default API_KEY)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="serve an adapter under its own model name (repeatable)")
+    p.add_argument("--batch-size", type=int, default=BatchSettings.max_sequences, metavar="N",
+                   help="greedy requests decoded together by continuous batching (default %(default)s; 1 runs one "
+                        "generation at a time)")
+    p.add_argument("--kv-cache-tokens", type=int, default=BatchSettings.cache_tokens, metavar="T",
+                   help="tokens the shared KV cache of the batch holds, all requests together (default "
+                        "%(default)s)")
     p.set_defaults(handler=cmd_api)
 
 
@@ -74,5 +81,10 @@ def cmd_api(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any
     print(f"serving {', '.join([base_name, *engine.adapters])} on http://{host}:{port}/v1", flush=True)
     if rewards:
         print(f"reward models (POST /v1/score/evaluation): {', '.join(rewards)}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if args.batch_size > 1:
+        engine.start_batching(BatchSettings(max_sequences=args.batch_size, cache_tokens=args.kv_cache_tokens))
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.stop_batching()
     return 0

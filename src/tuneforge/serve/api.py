@@ -155,7 +155,7 @@ def add_chat_route(app: Any, engine: ChatEngine, models: dict[str, Any], default
         for index in range(body.n):
             seeded = replace(gen, seed=None if gen.seed is None else gen.seed + index)
             try:
-                done = await asyncio.to_thread(engine.complete, messages, seeded, adapter, tools, stop)
+                done = await engine.acomplete(messages, seeded, adapter, tools, stop)
             except TuneforgeError as err:
                 return error(400, str(err))
             choices.append(choice(index, done, tools, engine.template))
@@ -230,11 +230,7 @@ async def stream_chunks(engine: ChatEngine, messages: list[Message], gen: Genera
         seeded = replace(gen, seed=None if gen.seed is None else gen.seed + index)
         result = Completion()
         yield {"data": chunk(index, {"role": "assistant", "content": ""})}
-        pieces = engine.stream(messages, seeded, adapter, tools, stop, result)
-        while True:
-            piece = await asyncio.to_thread(next, pieces, None)
-            if piece is None:
-                break
+        async for piece in engine.astream(messages, seeded, adapter, tools, stop, result):
             yield {"data": chunk(index, {"content": piece})}
         yield {"data": chunk(index, {}, result.finish_reason)}
     yield {"data": "[DONE]"}

@@ -1,0 +1,104 @@
+"""Continuous batching for the API server: concurrent requests decode together in one running batch, through
+transformers' ContinuousBatchingManager (a request joins at the next step and leaves when it is done), each
+caller receiving its own tokens as they come.
+
+The manager decodes greedily (argmax) with the model's current weights, so the engine sends it greedy requests for
+its default weights only; everything else takes the engine's exclusive path, which pauses the batch meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+from tuneforge.errors import ConfigError, ModelError
+
+PAGE_TOKENS = 64  # tokens per KV-cache page (per layer); a request holds whole pages
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How many requests decode together, and how many tokens the shared KV cache holds across all of them."""
+
+    max_sequences: int = 64
+    cache_tokens: int = 16384
+    step_tokens: int = 1024  # most prompt + decode tokens in one forward pass (long prompts are prefilled in chunks)
+
+    def __post_init__(self) -> None:
+        if self.max_sequences < 2:
+            raise ConfigError(f"--batch-size {self.max_sequences}: continuous batching needs at least 2 sequences "
+                              "(1 means one generation at a time, without a batcher)")
+        if self.cache_tokens < PAGE_TOKENS:
+            raise ConfigError(f"--kv-cache-tokens {self.cache_tokens} is below one cache page ({PAGE_TOKENS} "
+                              "tokens)")
+
+
+class Batcher:
+    """A running continuous-batching loop over `model` (in its own thread) for greedy requests."""
+
+    def __init__(self, model: Any, eos_ids: list[int], pad_id: int | None, settings: BatchSettings) -> None:
+        import torch
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        self.settings = settings
+        self.eos_ids = list(eos_ids)
+        generation = GenerationConfig(do_sample=False, max_new_tokens=256, eos_token_id=self.eos_ids,
+                                      pad_token_id=pad_id)
+        config = ContinuousBatchingConfig(page_size=PAGE_TOKENS,
+                                          num_blocks=math.ceil(settings.cache_tokens / PAGE_TOKENS),
+                                          max_batch_tokens=settings.step_tokens,
+                                          max_requests_per_batch=settings.max_sequences,
+                                          scheduler_type="fifo")
+        self.manager = model.init_continuous_batching(generation_config=generation,
+                                                      continuous_batching_config=config)
+        with torch.inference_mode():  # the loop thread runs in the starting thread's inference mode
+            self.manager.start()
+
+    def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
+        """Whether one request's prompt and answer fit the shared cache with room for others."""
+        return prompt_tokens + max_new_tokens <= self.settings.cache_tokens // 2
+
+    @property
+    def running(self) -> bool:
+        return self.manager.is_running()
+
+    async def tokens(self, ids: list[int], max_new_tokens: int) -> AsyncIterator[list[int]]:
+        """The tokens generated so far, after each step that added some; ends when the request finishes. Leaving
+        early (a stop word, a client gone) cancels the request in the batch."""
+        updates: asyncio.Queue[Any] = asyncio.Queue()
+        rid = f"tf-{uuid.uuid4().hex}"
+        self.manager.register_result_handler(rid, updates.put_nowait)
+        added = self.manager.add_request(list(ids), request_id=rid, max_new_tokens=max_new_tokens,
+                                         streaming=True, eos_token_id=self.eos_ids)
+        finished = False
+        try:
+            if added is None:
+                raise ModelError("the server is shutting down and takes no new generations")
+            while not finished:
+                latest = await updates.get()
+                while not updates.empty() and not latest.is_finished():  # a slow reader skips to the newest
+                    latest = updates.get_nowait()
+                if latest.error:
+                    raise ModelError(f"generation failed: {latest.error}")
+                finished = latest.is_finished()
+                yield list(latest.generated_tokens)
+        finally:
+            if not finished:
+                self.manager.cancel_request(rid)
+                router = self.manager.output_router
+                with router._lock:  # no public way to drop a handler whose request will never finish
+                    router.result_handlers.pop(rid, None)
+
+    def paused(self) -> Any:
+        """Hold the loop between steps (its requests wait, nothing is lost) while the caller uses the model."""
+        return self.manager.pause() if self.running else nullcontext()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the loop: requests still running are failed, so their callers get an error instead of waiting."""
+        if self.running:
+            self.manager.stop(block=True, timeout=timeout, hard_stop=True)
