@@ -75,7 +75,7 @@ def test_second_build_reuses_the_cache_without_tokenizing(dataset_dir, tokenizer
     def fail(*args, **kwargs):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(build_module, "encode_examples", fail)
+    monkeypatch.setattr(build_module, "encode_to_arrow", fail)
     second = build_datasets(cfg.data, "sft", template, seed=1)
     assert second.from_cache and second.train["input_ids"] == first.train["input_ids"]
     write_json(dataset_dir / "a.json", rows(12, tag="changed"))  # new content -> new key -> tokenizes again

@@ -16,7 +16,7 @@ from tuneforge import __version__
 from tuneforge.config.schema import DataConfig
 from tuneforge.data.catalog import get_spec, load_catalog
 from tuneforge.data.encode import EncodeOptions
-from tuneforge.data.pipeline import encode_examples, load_examples, mix, split_validation
+from tuneforge.data.pipeline import encode_to_arrow, load_examples, mix, split_validation
 from tuneforge.data.tokenized import has_tokenized, load_tokenized, report_dict, save_tokenized
 from tuneforge.data.types import EncodeReport
 from tuneforge.errors import DataError
@@ -24,6 +24,7 @@ from tuneforge.paths import tuneforge_home
 from tuneforge.templates.base import Template
 
 log = logging.getLogger(__name__)
+TRAIN, VAL = "train.arrow", "val.arrow"  # a cache folder's encoded rows (Arrow streams), beside report.json
 
 
 @dataclass
@@ -58,7 +59,7 @@ def build_datasets(data: DataConfig, kind: str, template: Template, seed: int) -
         raise DataError("no training data: set data.dataset (LLaMA-Factory: dataset) to one or more dataset names")
     key = cache_key(data, kind, template, seed)
     folder = cache_folder(data) / key
-    if (folder / "report.json").is_file() and not data.overwrite_cache:
+    if (folder / "report.json").is_file() and (folder / TRAIN).is_file() and not data.overwrite_cache:
         encoded = _load_cached(folder, key)
     else:
         encoded = _encode(data, kind, template, seed, folder, key)
@@ -76,12 +77,21 @@ def _encode(data: DataConfig, kind: str, template: Template, seed: int, folder: 
         val = [e for name in data.eval_dataset for e in load_examples(data, name, kind, seed).examples]
     opts = encode_options(data)
     packing = packing_enabled(data, kind)
-    train_rows, report = encode_examples(train, template, opts, kind, data.num_proc, packing)
-    val_rows, _ = encode_examples(val, template, opts, kind, data.num_proc, packing) if val else ([], None)
-    if not train_rows:
-        raise DataError("every training row was dropped or has no trained tokens; "
-                        "run `tuneforge data check` to see why")
-    _save_cache(folder, train_rows, val_rows, report)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        report = encode_to_arrow(train, template, opts, kind, tmp / TRAIN, data.num_proc, packing)
+        if not (tmp / TRAIN).is_file():
+            raise DataError("every training row was dropped or has no trained tokens; "
+                            "run `tuneforge data check` to see why")
+        if val:
+            encode_to_arrow(val, template, opts, kind, tmp / VAL, data.num_proc, packing)
+        (tmp / "report.json").write_text(json.dumps(dataclasses.asdict(report)), encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)  # atomic: a half-written cache is never found under the real key
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return _load_cached(folder, key, from_cache=False)
 
 
@@ -143,24 +153,11 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _save_cache(folder: Path, train: list[dict], val: list[dict], report: EncodeReport) -> None:
+def _load_cached(folder: Path, key: str, from_cache: bool = True) -> EncodedData:
     from datasets import Dataset
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    Dataset.from_list(train).save_to_disk(str(tmp / "train"))
-    if val:
-        Dataset.from_list(val).save_to_disk(str(tmp / "val"))
-    (tmp / "report.json").write_text(json.dumps(dataclasses.asdict(report)), encoding="utf-8")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)  # atomic: a half-written cache is never found under the real key
-
-
-def _load_cached(folder: Path, key: str, from_cache: bool = True) -> EncodedData:
-    from datasets import load_from_disk
-
     report = EncodeReport(**json.loads((folder / "report.json").read_text(encoding="utf-8")))
-    val = load_from_disk(str(folder / "val")) if (folder / "val").is_dir() else None
+    val = Dataset.from_file(str(folder / VAL)) if (folder / VAL).is_file() else None
     if from_cache:
         log.info("using tokenized data cached in %s", folder)
-    return EncodedData(load_from_disk(str(folder / "train")), val, report, key, from_cache)
+    return EncodedData(Dataset.from_file(str(folder / TRAIN)), val, report, key, from_cache)

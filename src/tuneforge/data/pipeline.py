@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tuneforge.config.schema import DataConfig
@@ -158,18 +161,100 @@ def split_validation(examples: list[Example], val_size: float, seed: int) -> tup
 def encode_examples(examples: list[Example], template: Template, opts: EncodeOptions, kind: str,
                     num_proc: int | None = None, packing: bool = False) -> tuple[list[dict[str, Any]], EncodeReport]:
     """Encode in chunks of rows, each tokenized in one batched call, optionally across processes."""
-    chunks = [examples[i:i + CHUNK] for i in range(0, len(examples), CHUNK)]
-    jobs = [(chunk, template, opts, kind, packing) for chunk in chunks]
-    if num_proc and num_proc > 1 and len(chunks) > 1:
-        with ProcessPoolExecutor(max_workers=num_proc) as pool:
-            results = list(pool.map(_encode_chunk, jobs))
-    else:
-        results = [_encode_chunk(job) for job in jobs]
-    rows = [row for part in results for row in part]
+    with _chunk_mapper(template, opts, kind, packing, num_proc, len(examples)) as mapper:
+        rows = [row for part in mapper(_encode_rows, _chunks(examples)) for row in part]
     if kind == "text" and packing:
         rows = [{"input_ids": b, "labels": list(b), "status": "ok", "origin": f"packed block {i + 1}"}
                 for i, b in enumerate(pack_blocks([r["input_ids"] for r in rows], opts.cutoff_len))]
     return _keep_trainable(rows)
+
+
+def encode_to_arrow(examples: list[Example], template: Template, opts: EncodeOptions, kind: str, path: Path,
+                    num_proc: int | None = None, packing: bool = False) -> EncodeReport:
+    """Encode into an Arrow stream file at `path` (what datasets.Dataset.from_file reads), chunk by chunk as the
+    chunks finish, so the encoded rows are never all held as Python objects; no file when no row is kept.
+    Workers (num_proc > 1) get the template once and send back each chunk's kept rows as an Arrow table."""
+    import pyarrow as pa
+
+    report = EncodeReport()
+    writer = None
+    packed = kind == "text" and packing  # blocks cross row boundaries: all rows are packed, then written
+    with _chunk_mapper(template, opts, kind, packing, None if packed else num_proc, len(examples)) as mapper, \
+            pa.OSFile(str(path), "wb") as sink:
+        if packed:
+            rows, whole = encode_examples(examples, template, opts, kind, num_proc, packing)
+            parts: Any = [(_arrow_table(rows) if rows else None, whole)]
+        else:
+            parts = mapper(_encode_kept, _chunks(examples))
+        for table, part in parts:
+            _add_report(report, part)
+            if table is not None:
+                writer = writer or pa.ipc.new_stream(sink, table.schema)
+                writer.write_table(table)
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        path.unlink()
+    return report
+
+
+def _chunks(examples: list[Example]) -> list[list[Example]]:
+    return [examples[i:i + CHUNK] for i in range(0, len(examples), CHUNK)]
+
+
+@contextmanager
+def _chunk_mapper(template: Template, opts: EncodeOptions, kind: str, packing: bool, num_proc: int | None,
+                  count: int) -> Iterator[Callable[..., Iterator[Any]]]:
+    """A `map` over chunks, in order: in worker processes (each given the template and options once) when
+    num_proc > 1 and there is more than one chunk, else in this process."""
+    context = (template, opts, kind, packing)
+    if num_proc and num_proc > 1 and count > CHUNK:
+        with ProcessPoolExecutor(max_workers=num_proc, initializer=_set_context, initargs=context) as pool:
+            yield pool.map
+        return
+    saved = dict(_CONTEXT)
+    _set_context(*context)
+    try:
+        yield map
+    finally:
+        _CONTEXT.clear()
+        _CONTEXT.update(saved)
+
+
+_CONTEXT: dict[str, Any] = {}  # the template and options the chunk functions use (set once per worker process)
+
+
+def _set_context(template: Template, opts: EncodeOptions, kind: str, packing: bool) -> None:
+    _CONTEXT.update(template=template, opts=opts, kind=kind, packing=packing)
+
+
+def _encode_rows(examples: list[Example]) -> list[dict[str, Any]]:
+    return _encode_chunk((examples, _CONTEXT["template"], _CONTEXT["opts"], _CONTEXT["kind"], _CONTEXT["packing"]))
+
+
+def _encode_kept(examples: list[Example]) -> tuple[Any, EncodeReport]:
+    """A chunk's kept rows as an Arrow table (None when none is kept) and its report."""
+    kept, report = _keep_trainable(_encode_rows(examples))
+    return (_arrow_table(kept) if kept else None), report
+
+
+def _add_report(total: EncodeReport, part: EncodeReport) -> None:
+    total.rows += part.rows
+    total.truncated += part.truncated
+    total.dropped += part.dropped
+    total.no_trained_tokens += part.no_trained_tokens
+    total.trained_tokens += part.trained_tokens
+    total.total_tokens += part.total_tokens
+
+
+def _arrow_table(rows: list[dict[str, Any]]) -> Any:
+    """Rows as an Arrow table with one type per column whatever the chunk holds (token lists are int64, as
+    datasets infers them), so every chunk of a file has the same schema."""
+    import pyarrow as pa
+
+    kinds = {list: pa.list_(pa.int64()), bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
+    schema = pa.schema([(key, kinds[type(value)]) for key, value in rows[0].items()])
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def _encode_chunk(job: tuple[list[Example], Template, EncodeOptions, str, bool]) -> list[dict[str, Any]]:
