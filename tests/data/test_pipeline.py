@@ -104,3 +104,29 @@ def test_multiprocess_tokenization_matches_single_process(dataset_dir, tokenizer
     two = build_datasets(config(dataset_dir, "data.dataset=a", "data.num_proc=2", "data.overwrite_cache=true").data,
                          "sft", template, seed=1)
     assert one.train["input_ids"] == two.train["input_ids"] and one.train["labels"] == two.train["labels"]
+
+
+def test_arrow_encoding_keeps_the_same_rows_and_report_across_workers(tokenizer, monkeypatch, tmp_path):
+    """Rows streamed to Arrow by two workers, chunk by chunk, equal the in-memory encoding: same kept rows in
+    order, and a report that adds up every chunk's dropped, truncated and untrained rows."""
+    from datasets import Dataset
+
+    from tuneforge.data.encode import EncodeOptions
+    from tuneforge.data.pipeline import encode_examples, encode_to_arrow
+
+    monkeypatch.setattr("tuneforge.data.pipeline.CHUNK", 4)
+    examples = []
+    for i in range(22):
+        answer = "word " * (60 if i % 5 == 0 else 3) + str(i)  # every fifth answer is too long for the cutoff
+        examples.append(Conversation([Message("user", f"question {i}"), Message("assistant", answer)],
+                                     origin=f"row {i}"))
+    template = get_template("chatml", tokenizer)
+    for overlong, dropped in (("drop", 5), ("truncate", 0)):
+        opts = EncodeOptions(cutoff_len=40, overlong=overlong)
+        rows, report = encode_examples(examples, template, opts, "sft")
+        streamed = encode_to_arrow(examples, template, opts, "sft", tmp_path / f"{overlong}.arrow", num_proc=2)
+        table = Dataset.from_file(str(tmp_path / f"{overlong}.arrow"))
+        assert table["input_ids"] == [r["input_ids"] for r in rows] and table["labels"] == [r["labels"] for r in rows]
+        assert table["origin"] == [r["origin"] for r in rows]
+        assert streamed == report and len(report.dropped) == dropped and report.rows == 22
+        assert len(rows) == 22 - dropped and (overlong == "drop" or len(report.truncated) == 5)
