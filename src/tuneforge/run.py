@@ -28,6 +28,7 @@ from tuneforge.models.load import fit_vocab, load_model, load_tokenizer, train_e
 from tuneforge.models.valuehead import WithValueHead, save_value_head
 from tuneforge.paths import RUN_INFO
 from tuneforge.stages import Stage, build_stage
+from tuneforge.stages.base import unwrap_causal_lm
 from tuneforge.templates import get_template
 from tuneforge.templates.base import Template
 from tuneforge.train.batches import BatchPlan, pack_rows
@@ -311,7 +312,21 @@ def load_for_training(cfg: RunConfig, precision: str, tokenizer: Any = None) -> 
                          gradient_checkpointing=cfg.train.gradient_checkpointing)
     if cfg.train.neftune_alpha:
         add_neftune(model, cfg.train.neftune_alpha)
+    if cfg.train.compile:
+        compile_layers(model, cfg.train.compile_backend, cfg.train.compile_mode)
     return model
+
+
+def compile_layers(model: Any, backend: str, mode: str | None) -> int:
+    """torch.compile every decoder layer in place (parameter names, adapters and saving are unchanged); the
+    number of layers compiled."""
+    layers = getattr(unwrap_causal_lm(model).get_decoder(), "layers", None)
+    if layers is None:
+        raise ConfigError(f"train.compile: {type(unwrap_causal_lm(model)).__name__} has no list of decoder layers "
+                          "to compile; turn train.compile off")
+    for layer in layers:
+        layer.compile(backend=backend, mode=mode)
+    return len(layers)
 
 
 def save_weights_fn(model: Any, tokenizer: Any, template: Template, cfg: RunConfig) -> Any:

@@ -76,6 +76,15 @@ def test_llamafactory_flags_without_a_file():
     assert cfg.model.path == "m" and cfg.train.learning_rate == 3e-4 and cfg.model.quantization_bit == 4
 
 
+def test_llamafactory_torch_compile_keys_map_and_refuse_sharded_runs():
+    cfg = load(None, [], {"torch_compile": True, "torch_compile_backend": "aot_eager",
+                          "torch_compile_mode": "max-autotune"})
+    assert (cfg.train.compile, cfg.train.compile_backend, cfg.train.compile_mode) == \
+        (True, "aot_eager", "max-autotune")
+    with pytest.raises(ConfigError, match="train.compile .* not combined with DeepSpeed or FSDP"):
+        load(None, ["train.compile=true", "train.fsdp.enabled=true"])
+
+
 def test_unsupported_llamafactory_key_is_named(tmp_path):
     with pytest.raises(ConfigError, match="'shift_attn: True' .* not supported by tuneforge: LongLoRA"):
         load(write(tmp_path, "shift_attn: true\n"))

@@ -97,3 +97,27 @@ def test_adapters_under_autocast_skip_the_fp32_round_trip_bit_for_bit(lora_job, 
     assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
     # peft upcast every adapter input (2 layers x 7 adapted projections); now none is
     assert plain - ours == 2 * 7, (ours, plain)
+
+
+def test_compiled_layers_give_the_plain_loss_and_gradients(make_cfg):
+    """train.compile compiles every decoder layer in place (dynamo's aot_eager backend here: the same graph
+    capture and autograd as inductor without its C++ build); loss and gradients are the uncompiled step's."""
+    from tuneforge.run import prepare
+    from tuneforge.stages.base import unwrap_causal_lm
+
+    results = []
+    for extra in ([], ["train.compile=true", "train.compile_backend=aot_eager"]):
+        job = prepare(make_cfg("finetune.method=lora", "finetune.lora.rank=4", "train.precision=fp32", *extra))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, param in job.model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+        layers = unwrap_causal_lm(job.model).get_decoder().layers
+        assert all((layer._compiled_call_impl is not None) == bool(extra) for layer in layers)
+        results.append(step(job, job.stage.collate(job.train_rows[:3]), "fp32"))
+    (plain_loss, plain_grads), (loss, grads) = results
+    assert loss == pytest.approx(plain_loss, abs=1e-6)
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-6, rtol=1e-5)

@@ -382,6 +382,9 @@ MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "pure_bf16": _pure_bf16,
     "disable_gradient_checkpointing": _not_gc,
     "gradient_checkpointing": _to("train.gradient_checkpointing"),
+    "torch_compile": _to("train.compile"),
+    "torch_compile_backend": _to("train.compile_backend"),
+    "torch_compile_mode": _to("train.compile_mode"),
     "seed": _to("train.seed"),
     "logging_steps": _to("train.logging_steps"),
     "save_steps": _to("train.save_steps"),
@@ -584,8 +587,8 @@ REFUSED: dict[str, str] = {
             "swanlab_api_key", "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret",
             "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "project",
         ],
-        "torch.compile, TF32 and fused-kernel switches are not offered; tuneforge picks its own kernels": [
-            "torch_compile", "torch_compile_backend", "torch_compile_mode", "tf32", "use_liger_kernel",
+        "TF32 and fused-kernel switches are not offered; tuneforge picks its own kernels": [
+            "tf32", "use_liger_kernel",
             "liger_kernel_config", "use_v1_kernels", "use_unsloth_gc", "enable_jit_checkpoint",
         ],
         "mixture-of-depths conversion is not supported": ["mixture_of_depths"],

@@ -294,6 +294,13 @@ class TrainConfig:
     """Compute precision; 'auto' is bf16 where supported (including CPUs with bf16), else fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (slower)."""
+    compile: bool = False
+    """torch.compile each decoder layer (LLaMA-Factory: torch_compile): faster steps for long runs, after a
+    one-time compile (about a minute on a CPU, and again when batch shapes change); single process or DDP."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (LLaMA-Factory: torch_compile_backend)."""
+    compile_mode: str | None = None
+    """torch.compile mode: default, reduce-overhead, max-autotune, ... (LLaMA-Factory: torch_compile_mode)."""
     seed: int = 42
     """Seed for shuffling, initialisation and dropout."""
     data_seed: int | None = None
