@@ -4,7 +4,7 @@ with continuous batching (the default) and one generation at a time (`--batch-si
 For each server it prints completions/s, p50/p95 latency and time to first token of the concurrent clients, and
 one client's tokens/s alone (sequential requests); then the batched/one-at-a-time ratios.
 
-    python benchmarks/api_load.py [--clients 50] [--max-tokens 16] [--single 3]
+    python benchmarks/api_load.py [--clients 50] [--max-tokens 16] [--single 3] [--temperature 0]
 """
 
 from __future__ import annotations
@@ -49,13 +49,13 @@ def start_server(batch_size: int, log: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the server did not answer within 300 s; see {log}")
 
 
-async def one_stream(client, model: str, question: str, max_tokens: int) -> dict:
+async def one_stream(client, model: str, question: str, max_tokens: int, temperature: float = 0.0) -> dict:
     """One streamed completion: latency, time to first content, chunks received."""
     start = time.perf_counter()
     first = None
     pieces = 0
     stream = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                                  max_tokens=max_tokens, temperature=0, stream=True,
+                                                  max_tokens=max_tokens, temperature=temperature, stream=True,
                                                   stream_options={"include_usage": True})
     finish = None
     async for chunk in stream:
@@ -68,7 +68,7 @@ async def one_stream(client, model: str, question: str, max_tokens: int) -> dict
     return {"latency": end - start, "first": (first or end) - start, "finish": finish, "pieces": pieces}
 
 
-async def load(url: str, clients: int, max_tokens: int, single: int) -> dict:
+async def load(url: str, clients: int, max_tokens: int, single: int, temperature: float) -> dict:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=url, api_key="unused", timeout=600, max_retries=0)
@@ -76,7 +76,8 @@ async def load(url: str, clients: int, max_tokens: int, single: int) -> dict:
     await one_stream(client, model, "Warm up.", 4)
     start = time.perf_counter()
     results = await asyncio.gather(*(one_stream(client, model, f"Tell me one fact about {TOPICS[i % len(TOPICS)]} "
-                                                f"(question {i}).", max_tokens) for i in range(clients)))
+                                                f"(question {i}).", max_tokens, temperature)
+                                     for i in range(clients)))
     wall = time.perf_counter() - start
     unfinished = sum(r["finish"] is None for r in results)
     latencies = sorted(r["latency"] for r in results)
@@ -86,7 +87,7 @@ async def load(url: str, clients: int, max_tokens: int, single: int) -> dict:
     for i in range(single):  # one client alone, sequential requests
         reply = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": f"Write a short story about {TOPICS[i]}."}],
-            max_tokens=64, temperature=0)
+            max_tokens=64, temperature=temperature)
         tokens += reply.usage.completion_tokens
     alone = time.perf_counter() - alone
     await client.close()
@@ -105,16 +106,18 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--single", type=int, default=3, help="sequential 64-token requests of one client alone")
     parser.add_argument("--batch-size", type=int, default=64, help="the batched server's --batch-size")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy answers; > 0: sampled")
     args = parser.parse_args()
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "tuneforge-api-load"
     work.mkdir(parents=True, exist_ok=True)
-    print(f"{args.clients} concurrent streaming clients, {args.max_tokens}-token greedy answers, embedded model; "
+    kind = "greedy" if args.temperature == 0 else f"sampled (temperature {args.temperature:g})"
+    print(f"{args.clients} concurrent streaming clients, {args.max_tokens}-token {kind} answers, embedded model; "
           f"then one client alone ({args.single} x 64 tokens)", flush=True)
     figures: dict[str, dict] = {}
     for name, batch in (("batched", args.batch_size), ("one at a time", 1)):
         process, url = start_server(batch, work / f"server-{batch}.log")
         try:
-            figures[name] = asyncio.run(load(url, args.clients, args.max_tokens, args.single))
+            figures[name] = asyncio.run(load(url, args.clients, args.max_tokens, args.single, args.temperature))
         finally:
             process.terminate()
             process.wait(timeout=60)

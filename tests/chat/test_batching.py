@@ -119,3 +119,27 @@ def test_batch_settings_are_checked():
         BatchSettings(max_sequences=1)
     with pytest.raises(ConfigError, match="--kv-cache-tokens 8"):
         BatchSettings(cache_tokens=8)
+
+
+def test_unseeded_sampling_joins_the_batch(batched):
+    """Sampled requests without a seed decode in the same steps as greedy ones; top_k=1 leaves one candidate, so
+    that 'sample' must be the greedy answer, and a temperature-1 sample differs from it for some prompt."""
+    questions = [[Message("user", q)] for q in QUESTIONS]
+    greedy = [batched.complete(q, GEN).text for q in questions]
+    one_candidate = replace(GEN, temperature=1.0, top_k=1)
+    free = replace(GEN, temperature=1.5)
+    widths: list[int] = []
+    hook = batched.model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[-1]), with_kwargs=True)
+
+    async def ask_all():
+        return await asyncio.gather(*(batched.acomplete(q, one_candidate) for q in questions),
+                                    *(batched.acomplete(q, free) for q in questions))
+
+    try:
+        answers = [a.text for a in asyncio.run(ask_all())]
+    finally:
+        hook.remove()
+    assert answers[:len(questions)] == greedy
+    assert answers[len(questions):] != greedy
+    assert max(widths) >= 2 * len(questions) and len(widths) < 2 * len(QUESTIONS) * GEN.max_new_tokens / 2

@@ -2,8 +2,11 @@
 transformers' ContinuousBatchingManager (a request joins at the next step and leaves when it is done), each
 caller receiving its own tokens as they come.
 
-The manager decodes greedily (argmax) with the model's current weights, so the engine sends it greedy requests for
-its default weights only; everything else takes the engine's exclusive path, which pauses the batch meanwhile.
+The manager picks each token by argmax. Sampled requests (temperature > 0, with top-k / top-p) get their logits
+scaled and filtered, then Gumbel noise added, row by row (argmax of logits + Gumbel noise is an exact draw from
+their softmax), so greedy and sampled requests share one batch and greedy rows are left untouched. It runs the
+model's current weights: the engine sends it requests for its default weights only; everything else (a seed, a
+repetition penalty, other weights) takes the engine's exclusive path, which pauses the batch meanwhile.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class Batcher:
         import torch
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
+        from tuneforge.chat.sampling import sampling_processors
+
         self.settings = settings
         self.eos_ids = list(eos_ids)
         generation = GenerationConfig(do_sample=False, max_new_tokens=256, eos_token_id=self.eos_ids,
@@ -56,6 +61,7 @@ class Batcher:
                                           scheduler_type="fifo")
         self.manager = model.init_continuous_batching(generation_config=generation,
                                                       continuous_batching_config=config)
+        self.manager.logit_processor = sampling_processors()  # replaces the (empty) chain made for argmax
         with torch.inference_mode():  # the loop thread runs in the starting thread's inference mode
             self.manager.start()
 
@@ -67,14 +73,17 @@ class Batcher:
     def running(self) -> bool:
         return self.manager.is_running()
 
-    async def tokens(self, ids: list[int], max_new_tokens: int) -> AsyncIterator[list[int]]:
-        """The tokens generated so far, after each step that added some; ends when the request finishes. Leaving
-        early (a stop word, a client gone) cancels the request in the batch."""
+    async def tokens(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                     top_k: int = 0) -> AsyncIterator[list[int]]:
+        """The tokens generated so far, after each step that added some; ends when the request finishes. Greedy
+        when temperature is 0, else sampled (top_p < 1, top_k > 0 filter). Leaving early (a stop word, a client
+        gone) cancels the request in the batch."""
         updates: asyncio.Queue[Any] = asyncio.Queue()
         rid = f"tf-{uuid.uuid4().hex}"
         self.manager.register_result_handler(rid, updates.put_nowait)
         added = self.manager.add_request(list(ids), request_id=rid, max_new_tokens=max_new_tokens,
-                                         streaming=True, eos_token_id=self.eos_ids)
+                                         streaming=True, eos_token_id=self.eos_ids,
+                                         temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
         finished = False
         try:
             if added is None:
@@ -102,3 +111,4 @@ class Batcher:
         """Stop the loop: requests still running are failed, so their callers get an error instead of waiting."""
         if self.running:
             self.manager.stop(block=True, timeout=timeout, hard_stop=True)
+

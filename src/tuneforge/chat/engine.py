@@ -213,13 +213,21 @@ class ChatEngine:
             result.finish_reason = "stop" if stopped or hit_eos or len(generated) < gen.max_new_tokens else "length"
 
     def batchable(self, gen: GenerationConfig, adapter: bool | str, prompt_tokens: int) -> bool:
-        """Whether the batcher can run this request: greedy, no repetition penalty, the default weights, and a
-        prompt + answer that fit its cache."""
-        greedy = not (gen.do_sample if gen.do_sample is not None else gen.temperature > 0)
+        """Whether the batcher can run this request: greedy or unseeded sampling, no repetition penalty, the
+        default weights, and a prompt + answer that fit its cache."""
+        sample = gen.do_sample if gen.do_sample is not None else gen.temperature > 0
         default = adapter is True or (not self.adapters and adapter is BASE) or \
             (bool(self.adapters) and adapter == self.adapters[-1])
-        return (self.batcher is not None and self.batcher.running and greedy and gen.repetition_penalty == 1.0
-                and default and self.batcher.fits(prompt_tokens, gen.max_new_tokens))
+        return (self.batcher is not None and self.batcher.running and not (sample and gen.seed is not None)
+                and gen.repetition_penalty == 1.0 and default
+                and self.batcher.fits(prompt_tokens, gen.max_new_tokens))
+
+    @staticmethod
+    def sampling(gen: GenerationConfig) -> dict[str, Any]:
+        """temperature / top_p / top_k as `generate` gets them; temperature 0 means greedy."""
+        if not (gen.do_sample if gen.do_sample is not None else gen.temperature > 0):
+            return {"temperature": 0.0}
+        return {"temperature": gen.temperature or 1.0, "top_p": gen.top_p, "top_k": gen.top_k or 0}
 
     async def astream(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
                       tools: str | None = None, stop: list[str] | None = None,
@@ -235,7 +243,7 @@ class ChatEngine:
         cutter = StopCutter(list(self.template.stop_words) + list(stop or []))
         generated: list[int] = []
         shown = 0
-        async with aclosing(self.batcher.tokens(ids, gen.max_new_tokens)) as updates:
+        async with aclosing(self.batcher.tokens(ids, gen.max_new_tokens, **self.sampling(gen))) as updates:
             async for generated in updates:
                 text = self.tokenizer.decode(generated, skip_special_tokens=False)
                 if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next token
@@ -289,15 +297,16 @@ class ChatEngine:
         return self.template.encode_prompt(messages, system if system is not None else self.default_system, tools)
 
     def _generate_kwargs(self, ids: list[int], gen: GenerationConfig) -> dict[str, Any]:
-        sample = gen.do_sample if gen.do_sample is not None else gen.temperature > 0
+        sampling = self.sampling(gen)
         kwargs: dict[str, Any] = {
             "input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-            "max_new_tokens": gen.max_new_tokens, "do_sample": sample,
+            "max_new_tokens": gen.max_new_tokens, "do_sample": sampling["temperature"] > 0,
             "repetition_penalty": gen.repetition_penalty, "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": self.stop_ids(),
         }
-        if sample:
-            kwargs.update(temperature=gen.temperature or 1.0, top_p=gen.top_p, top_k=gen.top_k or None)
+        if kwargs["do_sample"]:
+            kwargs.update(temperature=sampling["temperature"], top_p=sampling["top_p"],
+                          top_k=sampling["top_k"] or None)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
