@@ -164,7 +164,7 @@ def empty_output(c: Ctx) -> list[str]:
     return [c.config()]
 
 
-@case("a.json: row 1", "field 'output' must be text", "[1, 2]", cmd="check")
+@case("a.json: row 1", "field 'output' must be one answer (text), got a list", "[1, 2]", cmd="check")
 def output_is_a_number_list(c: Ctx) -> list[str]:
     c.alpaca([{"instruction": "q", "output": [1, 2]}, OK])
     return [c.config()]

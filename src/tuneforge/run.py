@@ -23,7 +23,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.finetune import apply_method
 from tuneforge.finetune.methods import ADAPTER_METHODS, save_adapter
 from tuneforge.finetune.neftune import add_neftune
-from tuneforge.io import write_text_atomic
+from tuneforge.io import plain_modes, write_text_atomic
 from tuneforge.models.load import fit_vocab, load_model, load_tokenizer, train_embeddings
 from tuneforge.models.valuehead import WithValueHead, save_value_head
 from tuneforge.paths import RUN_INFO
@@ -31,6 +31,7 @@ from tuneforge.stages import Stage, build_stage
 from tuneforge.stages.base import unwrap_causal_lm
 from tuneforge.templates import get_template
 from tuneforge.templates.base import Template
+from tuneforge.templates.jinja import training_template_on
 from tuneforge.train.batches import BatchPlan, pack_rows
 from tuneforge.train.checkpoint import list_checkpoints
 from tuneforge.train.distributed import full_state, gathered, read_deepspeed_config, zero_stage
@@ -108,7 +109,12 @@ def prepare(cfg: RunConfig, plan_only: bool = False) -> Job:
                          tracker_config=to_dict(cfg),
                          logging_dir=Path(cfg.output.logging_dir) if cfg.output.logging_dir else None,
                          lora=cfg.finetune.lora if cfg.finetune.method == "lora" else None,
-                         fsdp=cfg.train.fsdp if cfg.train.fsdp.enabled else None)
+                         fsdp=cfg.train.fsdp if cfg.train.fsdp.enabled else None,
+                         depends={"data": data.key, "batch_size": cfg.train.batch_size,
+                                  "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+                                  "processes": acc.num_processes, "stage": cfg.stage,
+                                  "method": cfg.finetune.method},
+                         resume_anyway=cfg.train.resume_anyway)
     plan.optimizer = describe_optimizer(cfg.train, context.lora)
     return Job(cfg, run_dir, tokenizer, template, stage, data, train_rows, val_rows, model, plan, context)
 
@@ -358,12 +364,14 @@ def _save_weights(folder: Path, model: Any, tokenizer: Any, template: Template, 
         lm.save_pretrained(folder, safe_serialization=True, **({"state_dict": weights} if weights else {}))
     if head is not None:
         save_value_head(folder, head)
-    tokenizer.save_pretrained(folder)
+    with training_template_on(tokenizer, template):
+        tokenizer.save_pretrained(folder)
     info = {"base_model": cfg.model.path, "method": cfg.finetune.method, "stage": cfg.stage,
             "template": template.name, "default_system": cfg.data.default_system,
             "enable_thinking": cfg.data.enable_thinking, "stop_words": template.stop_words,
             "tool_format": cfg.data.tool_format}
     write_text_atomic(folder / RUN_INFO, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    plain_modes(folder)  # safetensors and tokenizer files written through temporary files
 
 
 def write_run_files(job: Job) -> None:

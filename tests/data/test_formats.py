@@ -65,10 +65,13 @@ def test_alpaca_system_and_history_are_ignored_unless_their_columns_are_set():
     assert example.system is None and example.messages == [user("Q"), bot("A")]
 
 
-def test_alpaca_custom_column_names_and_a_list_of_responses():
-    row = {"q": "Name a colour", "ctx": "warm", "answers": ["red", "orange"]}
+def test_alpaca_custom_column_names_and_a_list_of_responses_refused():
+    row = {"q": "Name a colour", "ctx": "warm", "answers": "red"}
     example = convert(row, columns={"prompt": "q", "query": "ctx", "response": "answers"})
-    assert example.messages == [user("Name a colour\nwarm"), bot("red")]  # LF trains on the first response
+    assert example.messages == [user("Name a colour\nwarm"), bot("red")]
+    row["answers"] = ["red", "orange"]  # LF 0.9.5 drops such a row; here it is named, not trained on
+    with pytest.raises(DataError, match="field 'answers' must be one answer .* \"ranking\": true"):
+        convert(row, columns={"prompt": "q", "query": "ctx", "response": "answers"})
 
 
 def test_alpaca_ranking_row_becomes_a_preference_pair():

@@ -198,6 +198,27 @@ def test_api_command_binds_loopback_and_honours_api_key_env(tiny_model_dir, tiny
         assert response.status_code == 401
         ok = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k"})
         assert [m["id"] for m in ok.json()["data"]] == [tiny_model_dir.name, "tiny_a"]
+
+        def long_stream():  # an answer that would take far longer than the shutdown allows
+            body = {"model": "tiny_a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 900,
+                    "stream": True}
+            try:
+                with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60,
+                                  headers={"Authorization": "Bearer k"}) as r:
+                    for _ in r.iter_lines():
+                        pass
+            except httpx.HTTPError:
+                pass  # cut by the shutdown: an error for the client, never a hang
+
+        reader = threading.Thread(target=long_stream, daemon=True)
+        reader.start()
+        time.sleep(1.0)
+        start = time.time()
+        proc.terminate()  # SIGTERM
+        proc.wait(timeout=30)
+        assert time.time() - start < 5, "the server took more than 5 s to stop after SIGTERM"
+        reader.join(timeout=10)
+        assert not reader.is_alive()
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(timeout=30)

@@ -132,7 +132,7 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_model_dir):
     assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 20
 
 
-def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir):
+def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir, capsys):
     config = write_config(tmp_path, tiny_model_dir, "run", max_steps=60, save_steps=0)
     proc = subprocess.Popen(cli("train", str(config)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -147,6 +147,12 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir)
     assert len(saved) == 1
     stopped = int(saved[0].name.removeprefix("step-"))
     assert 1 <= stopped < 60, "run was not interrupted mid-way"
+    # resuming with another batch layout would not continue the run exactly: refused, naming what changed
+    from tuneforge.cli.main import main
+
+    assert main(["train", str(config), "train.resume_from_checkpoint=auto", "train.batch_size=1"]) == 2
+    refused = capsys.readouterr().err
+    assert "train.batch_size: 2 -> 1" in refused and "train.resume_anyway" in refused, refused
     subprocess.run(cli("train", str(config), "train.resume_from_checkpoint=auto"), check=True, capture_output=True)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     # the resumed run continued at the step after the checkpoint: every step logged once, in order, to the end

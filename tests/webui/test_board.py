@@ -506,3 +506,13 @@ def test_a_busy_port_is_one_message(workspace):
         taken.listen()
         with pytest.raises(ConfigError, match="cannot serve on 127.0.0.1:.*choose another --port"):
             launch(demo, workspace, "127.0.0.1", taken.getsockname()[1])
+
+
+def test_an_unexpected_failure_is_one_line_on_the_page_and_a_traceback_in_the_log(board, workspace):
+    try:
+        {}["missing"]
+    except KeyError as err:
+        shown = board.error(err)
+    assert "unexpected KeyError" in shown and "board.log" in shown and "\n" not in shown.strip()
+    logged = workspace.log_file.read_text(encoding="utf-8")
+    assert "Traceback (most recent call last)" in logged and "KeyError: 'missing'" in logged

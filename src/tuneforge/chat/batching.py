@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import nullcontext
@@ -74,10 +75,10 @@ class Batcher:
         return self.manager.is_running()
 
     async def tokens(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                     top_k: int = 0) -> AsyncIterator[list[int]]:
-        """The tokens generated so far, after each step that added some; ends when the request finishes. Greedy
-        when temperature is 0, else sampled (top_p < 1, top_k > 0 filter). Leaving early (a stop word, a client
-        gone) cancels the request in the batch."""
+                     top_k: int = 0, deadline: float | None = None) -> AsyncIterator[tuple[list[int], bool]]:
+        """(tokens generated so far, finished) after each step that added some; ends when the request finishes,
+        or at `deadline` (time.monotonic()) unfinished. Greedy when temperature is 0, else sampled (top_p < 1,
+        top_k > 0 filter). Leaving early (a stop word, a client gone, the deadline) cancels the request."""
         updates: asyncio.Queue[Any] = asyncio.Queue()
         rid = f"tf-{uuid.uuid4().hex}"
         self.manager.register_result_handler(rid, updates.put_nowait)
@@ -89,13 +90,19 @@ class Batcher:
             if added is None:
                 raise ModelError("the server is shutting down and takes no new generations")
             while not finished:
-                latest = await updates.get()
+                left = None if deadline is None else deadline - time.monotonic()
+                try:
+                    latest = await asyncio.wait_for(updates.get(), left) if left is None or left > 0 else None
+                except TimeoutError:
+                    latest = None
+                if latest is None:
+                    return
                 while not updates.empty() and not latest.is_finished():  # a slow reader skips to the newest
                     latest = updates.get_nowait()
                 if latest.error:
                     raise ModelError(f"generation failed: {latest.error}")
                 finished = latest.is_finished()
-                yield list(latest.generated_tokens)
+                yield list(latest.generated_tokens), finished
         finally:
             if not finished:
                 self.manager.cancel_request(rid)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -76,6 +77,12 @@ class ChatEngine:
     value_heads: dict[str, ValueHead] = field(default_factory=dict)  # adapter name (or MODEL_HEAD) -> its value head
     info: dict[str, Any] = field(default_factory=dict)  # what training recorded beside the last loaded weights
     batcher: Any = None  # a running chat.batching.Batcher, when a server started one
+    closing: threading.Event = field(default_factory=threading.Event)  # set at shutdown: generations end now
+
+    def shutdown(self) -> None:
+        """End every generation now (each caller gets what was generated so far) and stop the batcher."""
+        self.closing.set()
+        self.stop_batching()
 
     def start_batching(self, settings: Any) -> None:
         """Decode concurrent greedy requests for the default weights together (see chat/batching.py)."""
@@ -177,9 +184,12 @@ class ChatEngine:
 
     def stream(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
                tools: str | None = None, stop: list[str] | None = None,
-               result: Completion | None = None) -> Iterator[str]:
-        """Yield the answer piece by piece; `result` (if given) receives token counts and the finish reason."""
-        from transformers import TextIteratorStreamer
+               result: Completion | None = None, cancel: threading.Event | None = None,
+               deadline: float | None = None) -> Iterator[str]:
+        """Yield the answer piece by piece; `result` (if given) receives token counts and the finish reason.
+        Generation ends early (finish reason 'length') when `cancel` is set, at `deadline` (time.monotonic()),
+        or when the engine shuts down."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         ids = self.prompt_ids(messages, gen.system, tools)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
@@ -187,6 +197,16 @@ class ChatEngine:
         stop_words = list(self.template.stop_words) + list(stop or [])
         if stop_words:  # generation itself ends at multi-token stop strings too
             kwargs.update(stop_strings=stop_words, tokenizer=self.tokenizer)
+        closing, cut = self.closing, threading.Event()
+
+        class Interrupted(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                if closing.is_set() or (cancel is not None and cancel.is_set()) or \
+                        (deadline is not None and time.monotonic() > deadline):
+                    cut.set()
+                return torch.full((input_ids.shape[0],), cut.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([Interrupted()])
         outcome: dict[str, Any] = {}
 
         def work() -> None:
@@ -210,7 +230,8 @@ class ChatEngine:
             hit_eos = len(generated) and int(generated[-1]) in self.stop_ids()
             result.prompt_tokens = len(ids)
             result.completion_tokens = len(generated)
-            result.finish_reason = "stop" if stopped or hit_eos or len(generated) < gen.max_new_tokens else "length"
+            ended = stopped or hit_eos or len(generated) < gen.max_new_tokens
+            result.finish_reason = "stop" if ended and not cut.is_set() else "length"
 
     def batchable(self, gen: GenerationConfig, adapter: bool | str, prompt_tokens: int) -> bool:
         """Whether the batcher can run this request: greedy or unseeded sampling, no repetition penalty, the
@@ -231,22 +252,29 @@ class ChatEngine:
 
     async def astream(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
                       tools: str | None = None, stop: list[str] | None = None,
-                      result: Completion | None = None) -> AsyncIterator[str]:
+                      result: Completion | None = None, time_limit: float | None = None) -> AsyncIterator[str]:
         """`stream` for an event loop: through the batcher when it can run the request, else the locked path in a
-        worker thread. Both give the same text, token counts and finish reason."""
+        worker thread. Both give the same text, token counts and finish reason. A caller that stops reading
+        (a client gone) ends its generation; after `time_limit` seconds the answer is cut (finish 'length')."""
         ids = self.prompt_ids(messages, gen.system, tools)
+        deadline = None if time_limit is None else time.monotonic() + time_limit
         if not self.batchable(gen, adapter, len(ids)):
-            pieces = self.stream(messages, gen, adapter, tools, stop, result)
-            while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
-                yield piece
+            cancel = threading.Event()
+            pieces = self.stream(messages, gen, adapter, tools, stop, result, cancel, deadline)
+            try:
+                while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                    yield piece
+            finally:
+                cancel.set()  # the reader left (or finished): the worker's generation stops at its next token
             return
         cutter = StopCutter(list(self.template.stop_words) + list(stop or []))
         generated: list[int] = []
-        shown = 0
-        async with aclosing(self.batcher.tokens(ids, gen.max_new_tokens, **self.sampling(gen))) as updates:
-            async for generated in updates:
+        shown, finished = 0, False
+        updates = self.batcher.tokens(ids, gen.max_new_tokens, **self.sampling(gen), deadline=deadline)
+        async with aclosing(updates):
+            async for generated, finished in updates:
                 text = self.tokenizer.decode(generated, skip_special_tokens=False)
-                if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next token
+                if text.endswith("\ufffd") and not finished:  # an incomplete character: wait for the next token
                     continue
                 piece, shown = text[shown:], len(text)
                 if out := cutter.feed(piece):
@@ -257,16 +285,18 @@ class ChatEngine:
             yield tail
         if result is not None:
             hit_eos = bool(generated) and generated[-1] in self.stop_ids()
+            ended = cutter.stopped or (finished and (hit_eos or len(generated) < gen.max_new_tokens))
             result.prompt_tokens = len(ids)
             result.completion_tokens = len(generated)
-            result.finish_reason = "stop" if cutter.stopped or hit_eos or len(generated) < gen.max_new_tokens \
-                else "length"
+            result.finish_reason = "stop" if ended else "length"  # unfinished: cut by the time limit
 
     async def acomplete(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
-                        tools: str | None = None, stop: list[str] | None = None) -> Completion:
+                        tools: str | None = None, stop: list[str] | None = None,
+                        time_limit: float | None = None) -> Completion:
         """`complete` for an event loop (batched when possible)."""
         result = Completion()
-        result.text = "".join([piece async for piece in self.astream(messages, gen, adapter, tools, stop, result)])
+        result.text = "".join([piece async for piece in
+                               self.astream(messages, gen, adapter, tools, stop, result, time_limit)])
         return result
 
     def generate_batch(self, conversations: list[list[Message]], gen: GenerationConfig,

@@ -12,6 +12,9 @@ from typing import Any
 from tuneforge.chat.batching import BatchSettings
 from tuneforge.errors import ConfigError
 
+DEFAULT_TIME_LIMIT = 300.0  # as tuneforge.serve.api.DEFAULT_TIME_LIMIT (not imported: it pulls in FastAPI)
+SHUTDOWN_GRACE = 2  # seconds open requests get after SIGTERM before they are cut
+
 
 def register(sub: Any) -> None:
     """Add the api command."""
@@ -30,6 +33,8 @@ def register(sub: Any) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=BatchSettings.cache_tokens, metavar="T",
                    help="tokens the shared KV cache of the batch holds, all requests together (default "
                         "%(default)s)")
+    p.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT, metavar="S",
+                   help="seconds one answer may take before it is cut, finish reason 'length' (default %(default)g)")
     p.set_defaults(handler=cmd_api)
 
 
@@ -64,27 +69,36 @@ def cmd_api(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any
 
     from tuneforge.chat.engine import load_engine
     from tuneforge.config import load
+    from tuneforge.config.paths import check_paths
     from tuneforge.deps import require
     from tuneforge.serve.api import create_app
 
     require("fastapi", "api")
     cfg = load(args.config, overrides, flags)
+    check_paths(cfg)
     named = adapter_names(cfg.model.adapter_path, args.adapter)
+    if args.time_limit <= 0:
+        raise ConfigError(f"--time-limit must be > 0 seconds, got {args.time_limit:g}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: give 1 (one generation at a time) or more")
+    batching = BatchSettings(max_sequences=args.batch_size, cache_tokens=args.kv_cache_tokens) \
+        if args.batch_size > 1 else None  # checked before the model loads
     engine = load_engine(replace(cfg.model, adapter_path=[]), cfg.data.template, cfg.data.default_system,
                          cfg.data.enable_thinking, named=named, tool_format=cfg.data.tool_format)
     base_name = Path(cfg.model.path).name if Path(cfg.model.path).exists() else cfg.model.path
     rewards = reward_models(engine, base_name, cfg.stage == "rm")
     app = create_app(engine, base_name, args.api_key or os.environ.get("API_KEY") or None, cfg.generation,
-                     reward=cfg.stage == "rm")
+                     reward=cfg.stage == "rm", time_limit=args.time_limit)
     host = args.host or os.environ.get("API_HOST", "127.0.0.1")
     port = args.port or int(os.environ.get("API_PORT", "8000"))
     print(f"serving {', '.join([base_name, *engine.adapters])} on http://{host}:{port}/v1", flush=True)
     if rewards:
         print(f"reward models (POST /v1/score/evaluation): {', '.join(rewards)}", flush=True)
-    if args.batch_size > 1:
-        engine.start_batching(BatchSettings(max_sequences=args.batch_size, cache_tokens=args.kv_cache_tokens))
+    if batching is not None:
+        engine.start_batching(batching)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        # SIGTERM / Ctrl-C: open requests get SHUTDOWN_GRACE seconds, then are cut; generations end with them
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE)
     finally:
-        engine.stop_batching()
+        engine.shutdown()
     return 0

@@ -23,8 +23,10 @@ def cmd_chat(args: argparse.Namespace, overrides: list[str], flags: dict[str, An
     """Load the engine once, then chat interactively or answer piped prompts."""
     from tuneforge.chat.engine import load_engine
     from tuneforge.config import load
+    from tuneforge.config.paths import check_paths
 
     cfg = load(args.config, overrides, flags)
+    check_paths(cfg)
     engine = load_engine(cfg.model, cfg.data.template, cfg.data.default_system, cfg.data.enable_thinking)
     if args.compare and not engine.has_adapter:
         raise ConfigError("--compare needs an adapter (model.adapter_path, LLaMA-Factory: adapter_name_or_path)")

@@ -21,9 +21,11 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str], flags: dict[str, An
     from pathlib import Path
 
     from tuneforge.config import load
+    from tuneforge.config.paths import check_paths
     from tuneforge.evaluate.run import evaluate
 
     cfg = load(args.config, overrides, flags)
+    check_paths(cfg)
     evaluate(cfg, compare_base=args.compare_base)
     report = Path(cfg.eval.dir) / "report.md"
     print(report.read_text(encoding="utf-8"))

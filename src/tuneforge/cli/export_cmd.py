@@ -21,9 +21,11 @@ def register(sub: Any) -> None:
 def cmd_export(args: argparse.Namespace, overrides: list[str], flags: dict[str, Any]) -> int:
     """Run the export and show what was written and how it verified."""
     from tuneforge.config import load
+    from tuneforge.config.paths import check_paths
     from tuneforge.export.merge import GREEDY_TOKENS, PROMPTS, export
 
     cfg = load(args.config, overrides, flags)
+    check_paths(cfg)
     report = export(cfg)
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"exported to {report.folder}: {', '.join(report.files)}", markup=False)

@@ -23,10 +23,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str], flags: dict[str, A
     import subprocess
 
     from tuneforge.config import load
+    from tuneforge.config.paths import check_paths
     from tuneforge.run import train
     from tuneforge.train.distributed import torchrun_command
 
     cfg = load(args.config, overrides, flags)  # a bad config fails here, once, before any launch
+    check_paths(cfg, output=True)
     command = None if args.plan else torchrun_command(getattr(args, "argv", []))
     if command is not None:
         return subprocess.run(command).returncode

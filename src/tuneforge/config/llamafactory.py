@@ -395,7 +395,6 @@ MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "evaluation_strategy": _strategy("evaluation_strategy", "train.eval_steps"),
     "resume_from_checkpoint": _to("train.resume_from_checkpoint"),
     "report_to": _report_to,
-    "dataloader_num_workers": _to("train.dataloader_workers"),
     "group_by_length": _to("train.group_by_length"),
     "ddp_timeout": _to("train.ddp_timeout"),
     "deepspeed": _to("train.deepspeed"),
@@ -475,6 +474,8 @@ NO_EFFECT: dict[str, str] = {
     "low_cpu_mem_usage": "transformers 5 always loads with low memory use",
     "buffer_size": "it sizes LLaMA-Factory's streaming shuffle buffer, and tuneforge does not stream",
     "compute_accuracy": "evaluation always reports eval_accuracy (token accuracy over all trained tokens)",
+    "dataloader_num_workers": "batches are collated in the training process from tokenized rows already in "
+                              "memory, so there is no loading for worker processes to take over",
 }
 
 # Keys of LLaMA-Factory that tuneforge does not support yet: an error names them instead of ignoring them.

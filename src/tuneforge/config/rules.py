@@ -24,9 +24,54 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "rmsprop", "adagrad", "adamw_
 GALORE_BASES = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor")
 
 
+# Numeric settings and their allowed ranges: (low, high, low included, high included); None = unbounded. A key
+# whose value is None (unset) is not checked. Cross-key rules follow in the functions below.
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "train.logging_steps": (1, None, True, True),
+    "train.save_steps": (0, None, True, True),
+    "train.save_total_limit": (1, None, True, True),
+    "train.eval_steps": (0, None, True, True),
+    "train.warmup_steps": (0, None, True, True),
+    "train.weight_decay": (0, None, True, True),
+    "train.max_grad_norm": (0, None, True, True),
+    "train.adam_beta1": (0, 1, True, False),
+    "train.adam_beta2": (0, 1, True, False),
+    "train.adam_epsilon": (0, None, False, True),
+    "train.forward_tokens": (0, None, True, True),
+    "train.ddp_timeout": (1, None, True, True),
+    "train.neftune_alpha": (0, None, False, True),
+    "data.num_proc": (1, None, True, True),
+    "generation.max_new_tokens": (1, None, True, True),
+    "generation.temperature": (0, None, True, True),
+    "generation.top_p": (0, 1, False, True),
+    "generation.top_k": (0, None, True, True),
+    "generation.repetition_penalty": (0, None, False, True),
+    "export.size": (0, None, False, True),
+    "eval.batch_size": (1, None, True, True),
+    "eval.n_shot": (0, None, True, True),
+}
+
+
+def check_ranges(cfg: RunConfig) -> None:
+    """Every RANGES setting within its range; the message names the key and the range."""
+    for key, (low, high, low_in, high_in) in RANGES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is None:
+            continue
+        below = low is not None and (value < low if low_in else value <= low)
+        above = high is not None and (value > high if high_in else value >= high)
+        if below or above:
+            lo = "" if low is None else f"{'[' if low_in else '('}{low:g}"
+            hi = "inf)" if high is None else f"{high:g}{']' if high_in else ')'}"
+            raise ConfigError(f"{key} must be in {lo or '(-inf'}, {hi}, got {value:g}")
+
+
 def validate(cfg: RunConfig, source: str) -> None:
     """Run every rule; the first broken one raises ConfigError prefixed with the config's source."""
     try:
+        check_ranges(cfg)
         check_quantization(cfg.model, cfg.finetune)
         check_finetune(cfg.finetune)
         check_data(cfg.data)
@@ -103,6 +148,10 @@ def check_data(data: DataConfig) -> None:
         raise ConfigError(f"data.val_size must be a fraction in [0, 1) or a whole row count, got {data.val_size}")
     if data.max_samples is not None and data.max_samples < 1:
         raise ConfigError(f"data.max_samples must be >= 1, got {data.max_samples}")
+    if data.val_size > 0 and data.eval_dataset:
+        raise ConfigError(f"data.val_size ({data.val_size:g}) and data.eval_dataset are both set: validation rows "
+                          "come from one of them (LLaMA-Factory refuses this too); remove val_size to evaluate on "
+                          "eval_dataset, or remove eval_dataset to split val_size rows off the training data")
     if data.mix_strategy != "concat" and data.interleave_probs:
         if len(data.interleave_probs) != len(data.dataset):
             raise ConfigError(f"data.interleave_probs has {len(data.interleave_probs)} values for "

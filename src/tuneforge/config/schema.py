@@ -331,6 +331,9 @@ class TrainConfig:
     """Whether a higher metric_for_best_model is better; default: false for metrics ending in 'loss', else true."""
     resume_from_checkpoint: str | None = None
     """Checkpoint folder to resume from, or 'auto' for the newest valid one in the output folder."""
+    resume_anyway: bool = False
+    """Resume although the data, batch layout, process count, stage or method differ from the checkpoint's run
+    (refused otherwise: the run would not continue exactly)."""
     report_to: list[str] = field(default_factory=list)
     """Extra loggers: tensorboard, wandb, swanlab, mlflow."""
     forward_tokens: int | None = None
@@ -338,8 +341,6 @@ class TrainConfig:
     no limit on GPU; 0 disables."""
     group_by_length: bool = True
     """Batch rows of similar length together (less padding); the order stays seeded and resumable."""
-    dataloader_workers: int = 0
-    """Background processes loading batches."""
     ddp_timeout: int = 1800
     """Seconds a distributed process waits for the others."""
     deepspeed: str | None = None

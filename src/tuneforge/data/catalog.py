@@ -107,7 +107,7 @@ def get_spec(catalog: Catalog, name: str, dataset_dir: str | Path) -> DatasetSpe
 
 def _read_info(path: Path, base: Path) -> Catalog:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # skips a BOM (Windows editors add one), as data files do
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
     try:

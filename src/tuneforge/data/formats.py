@@ -220,8 +220,10 @@ def _response(row: RawRow, column: str) -> str | None:
     if column not in row.data or row.data[column] is None:
         return None
     value = row.data[column]
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        value = value[0]  # LF accepts a list of responses and trains on the first
+    if isinstance(value, list):  # LLaMA-Factory drops such a row with a warning; one answer per row here
+        raise DataError(f"{row.origin}: field '{column}' must be one answer (text), got a list {_short(value)}; "
+                        "for a preferred and a rejected answer set \"ranking\": true with chosen/rejected columns "
+                        "in dataset_info.json")
     if not isinstance(value, str):
         raise DataError(f"{row.origin}: field '{column}' must be text, got {_short(value)}")
     if not value.strip():

@@ -62,6 +62,11 @@ def load_examples(data: DataConfig, name: str, kind: str, seed: int, strict: boo
     spec = get_spec(load_catalog(data.dataset_dir, data.inline), name, data.dataset_dir)
     rows = read_rows(spec)
     raw_count = len(rows)
+    if not rows:
+        message = f"{spec.location}: dataset '{name}' has no rows; add rows or remove it from data.dataset"
+        if strict:
+            raise DataError(message)
+        return LoadedDataset(name, spec, [], [RowProblem(spec.location, "the dataset has no rows")], 0)
     if spec.num_samples is not None:
         rows = _sample(rows, spec.num_samples, seed)
     if data.max_samples is not None:

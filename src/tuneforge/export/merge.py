@@ -15,9 +15,10 @@ from tuneforge.chat.engine import load_engine
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.types import Message
 from tuneforge.errors import ConfigError, ModelError
-from tuneforge.io import write_text_atomic
+from tuneforge.io import plain_modes, write_text_atomic
 from tuneforge.models.load import DTYPES
 from tuneforge.paths import RUN_INFO
+from tuneforge.templates.jinja import training_chat_template
 
 PROMPTS = ["Who are you?", "你是谁？", "What is 2 + 2?", "Write one sentence about the sea.",
            "List three colours."]
@@ -62,6 +63,9 @@ def export(cfg: RunConfig) -> ExportReport:
     folder = prepare_folder(Path(cfg.export.dir), cfg.export.overwrite)
     engine = load_engine(replace(cfg.model, dtype="fp32"), cfg.data.template, cfg.data.default_system,
                          cfg.data.enable_thinking)
+    jinja = training_chat_template(engine.template)
+    if jinja is not None:  # the exported tokenizer renders as training did (turns, default system prompt)
+        engine.tokenizer.chat_template = jinja
     merged = engine.model.merge_and_unload() if engine.has_adapter else engine.model
     dtype = resolve_export_dtype(cfg.export.dtype, merged)
     save_merged(merged, engine, folder, dtype, cfg)
@@ -76,6 +80,7 @@ def export(cfg: RunConfig) -> ExportReport:
         gguf_name = f"model-{cfg.export.gguf[0]}.gguf" if cfg.export.gguf else None
         write_text_atomic(folder / "Modelfile", modelfile(engine, gguf_name))
         report.files.append("Modelfile")
+    plain_modes(folder)  # shards and tokenizer files are written through temporary files (0600)
     if cfg.export.verify:
         report.checks = verify(cfg, folder, dtype, cfg.export.gguf, cfg.export.tolerance)
     return report

@@ -4,7 +4,9 @@ reward models (stage rm) answer LLaMA-Factory's POST /v1/score/evaluation instea
 # No `from __future__ import annotations`: FastAPI must see the real request-model classes (request_models).
 
 import asyncio
+import hmac
 import json
+import logging
 import time
 import uuid
 from dataclasses import replace
@@ -17,19 +19,32 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.serve.messages import as_openai, openai_tool_calls, score_sequences, to_messages
 from tuneforge.templates.tools import read_hermes_or_json
 
+log = logging.getLogger(__name__)
+
 MAX_SCORE_ITEMS = 128  # texts per score request; each batch of SCORE_BATCH holds the engine's lock only briefly
+DEFAULT_TIME_LIMIT = 300.0  # seconds one answer may take before it is cut (finish reason 'length')
 
 
 def create_app(engine: ChatEngine, base_name: str, api_key: str | None = None,
-               defaults: GenerationConfig | None = None, reward: bool = False) -> Any:
+               defaults: GenerationConfig | None = None, reward: bool = False,
+               time_limit: float | None = DEFAULT_TIME_LIMIT) -> Any:
     """The FastAPI app. Models: `base_name` (no adapter) and one per loaded adapter, by adapter name. Weights with
     a value head are reward models: they score (POST /v1/score/evaluation) and do not chat; with `reward`
-    (stage rm) no model chats."""
+    (stage rm) no model chats. Each answer is cut after `time_limit` seconds (finish reason 'length'); at
+    shutdown every generation ends at once."""
+    from contextlib import asynccontextmanager
+
     from fastapi import FastAPI
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        yield
+        engine.shutdown()
 
     models = {base_name: BASE, **{name: name for name in engine.adapters}}
     chat_request, score_request = request_models()
-    app = FastAPI(title="tuneforge API", version="1")
+    app = FastAPI(title="tuneforge API", version="1", lifespan=lifespan)
+    app.state.time_limit = time_limit
     add_guards(app, api_key)
 
     @app.get("/v1/models")
@@ -44,15 +59,18 @@ def create_app(engine: ChatEngine, base_name: str, api_key: str | None = None,
 
 def request_models() -> tuple[Any, Any]:
     """The pydantic request bodies: chat completions, and score evaluation (LLaMA-Factory's, plus chat arrays)."""
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, ConfigDict, Field
 
     class ChatMessage(BaseModel):
+        model_config = ConfigDict(strict=True)  # "stream": "yes" or "n": "2" are errors, as OpenAI's API has them
+
         role: Literal["system", "user", "assistant", "tool", "function"]
         content: str | list[dict[str, Any]] | None = None
         tool_calls: list[dict[str, Any]] | None = None
         name: str | None = None
 
     class ChatRequest(BaseModel):
+        model_config = ConfigDict(strict=True)
         model: str
         messages: list[ChatMessage] = Field(min_length=1)
         stream: bool = False
@@ -111,12 +129,14 @@ def add_guards(app: Any, api_key: str | None) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Any:
-        return error(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
+        log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
+        return error(500, "internal server error (the server log has the details)", kind="server_error")
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Any) -> Any:
         if api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            sent = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(sent, f"Bearer {api_key}".encode()):
                 return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                              kind="authentication_error", code="invalid_api_key")
         return await call_next(request)
@@ -140,22 +160,34 @@ def add_chat_route(app: Any, engine: ChatEngine, models: dict[str, Any], default
             messages, system = to_messages(body.messages)
         except TuneforgeError as err:
             return error(400, str(err), param="messages")
-        gen = replace(defaults, max_new_tokens=body.max_completion_tokens or body.max_tokens or defaults.max_new_tokens,
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        tools = json.dumps(body.tools, ensure_ascii=False) if body.tools else None
+        asked = body.max_completion_tokens or body.max_tokens
+        try:
+            prompt = len(engine.prompt_ids(messages, system if system is not None else defaults.system, tools))
+        except TuneforgeError as err:
+            return error(400, str(err), param="messages")
+        context = engine.max_positions()
+        if prompt + (asked or 1) > context:
+            return error(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                         f"{prompt + (asked or 1)} tokens ({prompt} in the messages, {asked or 1} in the "
+                         "completion). Please reduce the length of the messages or completion.",
+                         param="messages", code="context_length_exceeded")
+        gen = replace(defaults, max_new_tokens=asked or min(defaults.max_new_tokens, context - prompt),
                       temperature=defaults.temperature if body.temperature is None else body.temperature,
                       top_p=body.top_p or defaults.top_p, seed=body.seed, do_sample=None,
                       system=system if system is not None else defaults.system)
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        tools = json.dumps(body.tools, ensure_ascii=False) if body.tools else None
         adapter = models[body.model]
+        limit = app.state.time_limit
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
             return EventSourceResponse(stream_chunks(engine, messages, gen, adapter, tools, stop, body.model, cid,
-                                                     created, body.n), sep="\n")
+                                                     created, body.n, limit), sep="\n")
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
         for index in range(body.n):
             seeded = replace(gen, seed=None if gen.seed is None else gen.seed + index)
             try:
-                done = await engine.acomplete(messages, seeded, adapter, tools, stop)
+                done = await engine.acomplete(messages, seeded, adapter, tools, stop, limit)
             except TuneforgeError as err:
                 return error(400, str(err))
             choices.append(choice(index, done, tools, engine.template))
@@ -219,7 +251,8 @@ def parse_tool_calls(text: str) -> list[dict[str, Any]]:
 
 
 async def stream_chunks(engine: ChatEngine, messages: list[Message], gen: GenerationConfig, adapter: Any,
-                        tools: str | None, stop: list[str], model: str, cid: str, created: int, n: int) -> Any:
+                        tools: str | None, stop: list[str], model: str, cid: str, created: int, n: int,
+                        time_limit: float | None = None) -> Any:
     """SSE events: a role chunk, content chunks, a finish chunk per choice, then [DONE]."""
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> str:
         return json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -230,7 +263,7 @@ async def stream_chunks(engine: ChatEngine, messages: list[Message], gen: Genera
         seeded = replace(gen, seed=None if gen.seed is None else gen.seed + index)
         result = Completion()
         yield {"data": chunk(index, {"role": "assistant", "content": ""})}
-        async for piece in engine.astream(messages, seeded, adapter, tools, stop, result):
+        async for piece in engine.astream(messages, seeded, adapter, tools, stop, result, time_limit):
             yield {"data": chunk(index, {"content": piece})}
         yield {"data": chunk(index, {}, result.finish_reason)}
     yield {"data": "[DONE]"}

@@ -15,9 +15,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tuneforge.errors import ConfigError
+from tuneforge.io import plain_modes
 
 STATE_FILE = "trainer_state.json"  # written last: a folder without it is incomplete and never resumed from
 STAGE_FILE = "stage_state.json"  # a stage's running state (e.g. BCO's reward mean)
+DEPENDS_FILE = "resume_key.json"  # what continuing exactly depends on: data, template, batch layout, processes
+DEPENDS_NAMES = {"data": "the tokenized data (datasets, template, tokenizer, cutoff or data settings)",
+                 "batch_size": "train.batch_size", "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+                 "processes": "the number of processes", "stage": "stage", "method": "finetune.method"}
 
 
 @dataclass
@@ -51,7 +56,7 @@ def start_checkpoint(folder: Path) -> Path:
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState,
                     save_adapter: Any = None, stage_state: dict[str, Any] | None = None,
                     names: set[str] | None = None, started: bool = False,
-                    weights: dict[str, torch.Tensor] | None = None) -> None:
+                    weights: dict[str, torch.Tensor] | None = None, depends: dict[str, Any] | None = None) -> None:
     """Write everything needed to continue exactly; rename into place only when complete.
 
     names: the parameters to save (default: those requiring gradients now; BAdam marks only its active block).
@@ -74,7 +79,10 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: A
         save_adapter(tmp / "adapter", given)
     if stage_state:
         (tmp / STAGE_FILE).write_text(json.dumps(stage_state), encoding="utf-8")
+    if depends:
+        (tmp / DEPENDS_FILE).write_text(json.dumps(depends, sort_keys=True), encoding="utf-8")
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
+    plain_modes(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -109,6 +117,22 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: A
     if stage is not None and (folder / STAGE_FILE).is_file():
         stage.load_state_dict(json.loads((folder / STAGE_FILE).read_text(encoding="utf-8")))
     return TrainState(**json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
+
+
+def check_depends(folder: Path, current: dict[str, Any], anyway: bool) -> list[str]:
+    """What changed since the checkpoint was written (data, batch layout, processes, ...): refused unless
+    `anyway`, then returned for a warning. Checkpoints written before this record existed are not checked."""
+    path = folder / DEPENDS_FILE
+    if not path.is_file() or not current:
+        return []
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    changed = [f"{DEPENDS_NAMES.get(key, key)}: {saved[key]} -> {current[key]}" if key != "data" else
+               DEPENDS_NAMES["data"] for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
+    if changed and not anyway:
+        raise ConfigError(f"{folder} was written by a run with other settings ({'; '.join(changed)}); resuming "
+                          "would not continue it exactly. Restore those settings, start a new run, or set "
+                          "train.resume_anyway=true to continue anyway")
+    return changed
 
 
 def load_weights(folder: Path, model: nn.Module) -> None:

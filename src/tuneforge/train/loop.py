@@ -22,6 +22,7 @@ from tuneforge.stages.base import Stage
 from tuneforge.train.batches import BatchPlan, epoch_of, split_by_tokens, step_batches
 from tuneforge.train.checkpoint import (
     TrainState,
+    check_depends,
     checkpoint_dir,
     in_progress,
     load_checkpoint,
@@ -112,6 +113,8 @@ class RunContext:
     lora: LoraConfig | None = None  # the LoRA settings (LoRA+ learning rates) when the method is lora
     fsdp: Any = None  # train.fsdp when FSDP shards the model
     sharded: nn.Module | None = None  # set by fit under FSDP: the root unit (final saves gather through it)
+    depends: dict[str, Any] = field(default_factory=dict)  # what an exact resume depends on (checkpoint.py)
+    resume_anyway: bool = False  # train.resume_anyway: resume although `depends` changed
 
 
 @dataclass
@@ -217,13 +220,15 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
     engine = deepspeed_engine(acc, module)
     stage.run_dir = run.run_dir  # where the stage writes its own files (grpo: completions.jsonl)
     resume = resolve_resume(train.resume_from_checkpoint, run.run_dir)
+    changed = check_depends(resume, run.depends, run.resume_anyway) if resume else []
     state = load_checkpoint(resume, model, optimizer, scheduler, stage, engine, sharded) if resume else TrainState()
     main = acc.is_main_process
     tracker = Tracker(run.run_dir, train.report_to, run.logging_dir or run.run_dir / "tensorboard",
                       state.step if resume else None, run.tracker_config) if main else None
     progress = Progress(plan.total_steps, state.step, main)
     if resume:
-        progress.write(f"resumed from {resume} at step {state.step}")
+        progress.write(f"resumed from {resume} at step {state.step}" +
+                       (f" although these changed (train.resume_anyway): {'; '.join(changed)}" if changed else ""))
     eval_every = eval_interval(train)
     best, stop_early = BestModel.from_config(train, state.best), False
     session_start, session_step, session_tokens, elapsed_before = time.time(), state.step, 0, state.elapsed
@@ -391,7 +396,8 @@ def _save(run: RunContext, model: nn.Module, optimizer: Any, scheduler: Any, sta
     with gathered(trained):
         if acc.is_main_process:
             save_checkpoint(folder, model, None if collective else optimizer, scheduler, state,
-                            run.save_weights, stage.state_dict(), names, started=collective, weights=weights)
+                            run.save_weights, stage.state_dict(), names, started=collective, weights=weights,
+                            depends=run.depends)
             best_step = state.best.get("step")
             prune_checkpoints(run.run_dir, keep, checkpoint_dir(run.run_dir, best_step) if best_step else None)
     acc.wait_for_everyone()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,11 +88,15 @@ class Board:
         return message(key, self.lang, **fields)
 
     def error(self, err: Exception) -> str:
-        """Any failure as one line in the current language; a non-user error is also logged with its traceback
-        (on the server's console) since it is a bug or an environment problem, not a setting to fix."""
+        """Any failure as one line in the current language; a non-user error (a bug or an environment problem, not
+        a setting to fix) also has its traceback appended to the board's log file (and the server's console)."""
         if not isinstance(err, TuneforgeError):
             log.error("web UI handler failed", exc_info=err)
-            err = TuneforgeError(f"unexpected {type(err).__name__}: {err}")
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            trace = "".join(traceback.format_exception(err))
+            with self.ws.log_file.open("a", encoding="utf-8") as handle:
+                handle.write(f"[{stamp}] web UI handler failed\n{trace}\n")
+            err = TuneforgeError(f"unexpected {type(err).__name__}: {err} (traceback in {self.ws.log_file.name})")
         return message("error", self.lang, error=str(err))
 
 

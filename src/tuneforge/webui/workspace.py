@@ -53,6 +53,11 @@ class Workspace:
         """Local base models (folders or symlinks to them)."""
         return self.root / "models"
 
+    @property
+    def log_file(self) -> Path:
+        """The board's log: tracebacks of unexpected failures (the page shows one line)."""
+        return self.root / "board.log"
+
     def inside(self, value: str | Path, folder: Path, what: str) -> Path:
         """`value` (relative to the root, or absolute) resolved, refused unless it lies under `folder`."""
         path = self.resolve(value)
