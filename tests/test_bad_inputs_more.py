@@ -78,6 +78,8 @@ OURS = [
     (["train.compile=true", "train.fsdp.enabled=true"], ["train.compile"]),
     (["stage=pt", "data.neat_packing=true"], ["data.neat_packing"]),
     (["train.max_grad_norm=x"], ["train.max_grad_norm"]),
+    (["train.report_to=[wandb]"], ["train.report_to", "wandb", "not installed"]),
+    (["train.report_to=[tensorbored]"], ["train.report_to", "tensorbored"]),
     (["loose"], ["config file not found: loose"]),
 ]
 
@@ -115,6 +117,7 @@ LF = [
     (["--adam_beta2", "1"], ["adam_beta2"]),
     (["--save_total_limit", "0"], ["save_total_limit"]),
     (["--pissa_init", "true", "--pissa_convert", "true", "--use_dora", "true"], ["pissa_convert"]),
+    (["--report_to", "mlflow"], ["report_to", "mlflow", "pip install mlflow"]),
 ]
 
 

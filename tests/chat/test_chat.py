@@ -45,7 +45,10 @@ def test_piped_chat_answers_each_line(tiny_run):
                            "generation.max_new_tokens=6"], input="Who are you?\n\n你是谁？\n",
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert len(done.stdout.strip().splitlines()) >= 2
+    engine = load_engine(ModelConfig(adapter_path=[str(tiny_run)]))
+    gen = GenerationConfig(max_new_tokens=6)
+    expected = [engine.generate([Message("user", q)], gen) for q in ("Who are you?", "你是谁？")]
+    assert all(expected) and done.stdout == "".join(f"{answer}\n" for answer in expected)  # the blank line: none
 
 
 def test_piped_compare_shows_base_and_tuned(tiny_run):

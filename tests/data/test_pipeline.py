@@ -130,3 +130,26 @@ def test_arrow_encoding_keeps_the_same_rows_and_report_across_workers(tokenizer,
         assert table["origin"] == [r["origin"] for r in rows]
         assert streamed == report and len(report.dropped) == dropped and report.rows == 22
         assert len(rows) == 22 - dropped and (overlong == "drop" or len(report.truncated) == 5)
+
+
+@pytest.mark.parametrize("strategy", ["concat", "interleave_under", "interleave_over"])
+def test_mixing_strategies_through_the_config(strategy, dataset_dir, tokenizer, tmp_path):
+    """Two datasets of 4 and 8 rows: concat keeps all 12 in order; interleave_under stops when the first runs out
+    (so one dataset is used whole, the other in part); interleave_over goes on until both have run out once
+    (every row of both used, the short one repeated)."""
+    write_json(dataset_dir / "a.json", rows(4, "a"))
+    write_json(dataset_dir / "b.json", rows(8, "b"))
+    write_json(dataset_dir / "dataset_info.json", {"a": {"file_name": "a.json"}, "b": {"file_name": "b.json"}})
+    cfg = config(dataset_dir, "data.dataset=[a,b]", f"data.mix_strategy={strategy}", "data.interleave_probs=[0.5,0.5]",
+                 f"data.cache_dir={tmp_path / 'cache'}")
+    built = build_datasets(cfg.data, "sft", get_template("chatml", tokenizer), seed=3).train["origin"]
+    origins = [o.removeprefix(f"{dataset_dir}/") for o in built]
+    from_a = [o for o in origins if o.startswith("a.json")]
+    from_b = [o for o in origins if o.startswith("b.json")]
+    if strategy == "concat":
+        assert origins == [f"a.json: row {i + 1}" for i in range(4)] + [f"b.json: row {i + 1}" for i in range(8)]
+    elif strategy == "interleave_under":
+        assert len(set(from_a)) == 4 or len(set(from_b)) == 8  # one ran out: the mix stopped there
+        assert len(from_a) + len(from_b) < 12 and len(set(from_a)) == len(from_a) and len(set(from_b)) == len(from_b)
+    else:
+        assert len(set(from_a)) == 4 and len(set(from_b)) == 8 and len(origins) > 12  # both used whole, a repeated

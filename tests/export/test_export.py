@@ -49,7 +49,32 @@ def test_export_writes_sharded_self_contained_folder(exported, tiny_model_dir, t
     with torch.no_grad():
         plain = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
     expected = engine.complete([Message("user", "Who are you?")], GenerationConfig(max_new_tokens=8))
-    assert engine.tokenizer.decode(plain, skip_special_tokens=True).startswith(expected.text.strip()[:10])
+    assert expected.text.strip() and engine.tokenizer.decode(plain, skip_special_tokens=True).strip() == \
+        expected.text.strip()
+
+
+def test_exported_files_are_readable_by_others_and_render_as_training(exported, tiny_model_dir, tiny_run):
+    """Files get the mode a plain open gives (umask), not the 0600 of the temporary files they were written
+    through; the exported tokenizer's chat template renders exactly what training rendered."""
+    import os
+    import stat
+
+    from transformers import AutoTokenizer
+
+    _, out = exported
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [*out.glob("*.safetensors"), out / "Modelfile", out / "chat_template.jinja", out / "config.json"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path.name
+    engine = load_engine(ModelConfig(path=str(tiny_model_dir), adapter_path=[str(tiny_run)]))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    turns = [Message("user", "Who are you?"), Message("assistant", "A model."), Message("user", "Sure?")]
+    for system in (None, "Be brief."):
+        chat = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": m.role, "content": m.content} for m in turns]
+        rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert rendered == engine.template.render_prompt(turns, system, None)
+    assert "SmolLM" not in (out / "chat_template.jinja").read_text()  # not the base tokenizer's default system
 
 
 def test_export_prints_verification_including_gguf(tmp_path, tiny_model_dir, tiny_run, capsys):

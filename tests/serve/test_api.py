@@ -6,9 +6,12 @@ import concurrent.futures
 import json
 import threading
 import time
+from dataclasses import replace
 
 import httpx
+import openai  # the api extra: installed by scripts/setup.sh
 import pytest
+import uvicorn
 
 from tuneforge.chat.batching import BatchSettings
 from tuneforge.chat.engine import load_engine
@@ -18,8 +21,6 @@ from tuneforge.data.types import Message
 from tuneforge.serve.api import create_app, parse_tool_calls
 from tuneforge.train.distributed import free_port
 
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
 GEN = GenerationConfig(max_new_tokens=8)
 
 
@@ -71,7 +72,21 @@ def test_completion_matches_the_engine_and_counts_usage(open_server, engine):
     assert reply.choices[0].message.content == expected.text
     assert reply.usage.prompt_tokens == expected.prompt_tokens
     assert reply.usage.completion_tokens == expected.completion_tokens > 0
-    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.choices[0].finish_reason == expected.finish_reason
+
+
+@pytest.mark.parametrize("model", ["second", "tiny_a"])  # batched, and run one at a time
+def test_stop_words_and_top_p_through_the_api(open_server, engine, model):
+    client = openai.OpenAI(base_url=open_server, api_key="unused")
+    question = [{"role": "user", "content": "Who are you?"}]
+    full = engine.generate([Message("user", "Who are you?")], replace(GEN, max_new_tokens=12), adapter=model)
+    stop = full[3:5]
+    cut = client.chat.completions.create(model=model, messages=question, max_tokens=12, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    # top_p so small that only the most likely token survives: sampling then gives the greedy answer
+    narrow = client.chat.completions.create(model=model, messages=question, max_tokens=12, temperature=1.0,
+                                            top_p=1e-6)
+    assert narrow.choices[0].message.content == full
 
 
 def test_adapters_answer_differently_by_name(open_server):

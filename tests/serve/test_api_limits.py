@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+import uvicorn  # the api extra: installed by scripts/setup.sh
 
 from tuneforge.chat.batching import BatchSettings
 from tuneforge.chat.engine import load_engine
@@ -15,7 +16,6 @@ from tuneforge.config.schema import GenerationConfig, ModelConfig
 from tuneforge.serve.api import create_app
 from tuneforge.train.distributed import free_port
 
-uvicorn = pytest.importorskip("uvicorn")
 HI = [{"role": "user", "content": "hi"}]
 
 

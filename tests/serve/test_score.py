@@ -3,6 +3,7 @@ transformers/peft directly (output_hidden_states) and the head read from value_h
 
 from __future__ import annotations
 
+import fastapi.testclient as fastapi_testclient  # the api extra: installed by scripts/setup.sh
 import pytest
 
 from tuneforge.chat.engine import load_engine
@@ -12,7 +13,6 @@ from tuneforge.serve.api import MAX_SCORE_ITEMS, create_app
 
 from ..evaluate.preference_runs import peft_model, reference_score, saved_head
 
-fastapi_testclient = pytest.importorskip("fastapi.testclient")
 URL = "/v1/score/evaluation"
 
 

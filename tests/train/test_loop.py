@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -203,3 +204,31 @@ def test_forward_token_budget_does_not_change_the_result(make_cfg, tmp_path):
     split, _, _ = train_in_process(make_cfg(*common, "train.forward_tokens=64", f"output.dir={tmp_path / 'b'}"))
     a, b = snapshot(whole), snapshot(split)
     assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5
+
+
+def test_gradient_clipping_bounds_the_update(make_cfg, tmp_path):
+    """Plain SGD at lr 1 for one step moves the trained weights by exactly the clipped gradient: its global norm
+    is max_grad_norm when clipping applies, larger without clipping."""
+    def update_norm(*extra: str) -> float:
+        model, before, _ = train_in_process(make_cfg("train.optimizer=sgd", "train.learning_rate=1",
+                                                     "train.scheduler=constant", "train.max_steps=1", *extra))
+        after = snapshot(model)
+        return math.sqrt(sum(float(((after[n] - before[n]) ** 2).sum()) for n in after if "lora_" in n))
+
+    assert update_norm("train.max_grad_norm=0.001") == pytest.approx(0.001, rel=1e-3)
+    assert update_norm("train.max_grad_norm=0", f"output.dir={tmp_path / 'free'}") > 0.01
+
+
+def test_sigterm_and_sigint_stop_the_loop_at_a_step_boundary():
+    """Either signal only raises the flag the loop checks after each step (it then saves and returns); the
+    previous handlers come back afterwards."""
+    from tuneforge.train.loop import stop_on_signals
+
+    previous = signal.getsignal(signal.SIGTERM)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with stop_on_signals() as stopped:
+            assert not stopped()
+            os.kill(os.getpid(), sig)
+            time.sleep(0.05)
+            assert stopped()
+    assert signal.getsignal(signal.SIGTERM) is previous

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -63,22 +65,24 @@ def test_lora_modules_to_save_trains_the_head(make_cfg):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_quantizes_the_base_and_trains_adapters(make_cfg, bits):
-    pytest.importorskip("bitsandbytes")
     model, before, result = train_in_process(make_cfg(f"model.quantization_bit={bits}", "train.precision=bf16"))
     after = snapshot(model)
     kinds = {type(m).__name__ for m in model.modules()}
     assert ("Linear4bit" if bits == 4 else "Linear8bitLt") in kinds
     assert all(moved(before, after, n) for n in after if "lora_B" in n)
     assert not any(moved(before, after, n) for n in after if "lora_" not in n)
-    assert result.last_loss is not None and result.last_loss == result.last_loss  # finite, not NaN
+    assert result.last_loss is not None and math.isfinite(result.last_loss)
 
 
-def test_bf16_lora_keeps_adapters_fp32_and_base_bf16(make_cfg):
+def test_bf16_lora_keeps_adapters_fp32_and_base_bf16(make_cfg, tmp_path):
     model, _, result = train_in_process(make_cfg("train.precision=bf16"))
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
     assert dtypes["base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"] == torch.bfloat16
-    assert result.last_loss < 20
+    # the same three steps in fp32 end at the same loss, up to bf16's rounding
+    _, _, reference = train_in_process(make_cfg("train.precision=fp32", f"output.dir={tmp_path / 'fp32'}"))
+    assert abs(result.last_loss - reference.last_loss) < 0.01 * reference.last_loss, \
+        (result.last_loss, reference.last_loss)
 
 
 def test_continue_from_an_existing_adapter(make_cfg, tmp_path):

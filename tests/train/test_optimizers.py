@@ -4,6 +4,7 @@ restores its state; LLaMA-Factory's keys map onto train.optimizer and the train.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -381,3 +382,32 @@ def test_llamafactory_keys_map_onto_the_sections(tmp_path):
 def test_rules_refuse_what_llamafactory_refuses(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load(None, overrides)
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine", "constant", "constant_with_warmup", "polynomial"])
+def test_learning_rate_curve_with_warmup(scheduler):
+    """lr at each of 10 steps with 2 warmup steps (warmup_ratio 0.2), against the curves written out by hand:
+    linear warmup from 0, then linear / cosine decay to 0, constant, or polynomial (power 1, to 1e-7)."""
+    from tuneforge.config.schema import TrainConfig
+    from tuneforge.train.optim import build_scheduler
+
+    base, total, warm = 0.5, 10, 2
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    schedule = build_scheduler(optimizer, TrainConfig(scheduler=scheduler, warmup_ratio=0.2), total)
+    seen = []
+    for _ in range(total):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+
+    def expected(step: int) -> float:
+        if scheduler == "constant":
+            return base
+        if step < warm:
+            return base * step / warm
+        progress = (step - warm) / (total - warm)
+        return {"linear": base * (1 - progress), "cosine": base * 0.5 * (1 + math.cos(math.pi * progress)),
+                "constant_with_warmup": base,
+                "polynomial": (base - 1e-7) * (1 - progress) + 1e-7}[scheduler]
+
+    assert seen == pytest.approx([expected(s) for s in range(total)], abs=1e-9)

@@ -173,6 +173,9 @@ def check_train(train: TrainConfig) -> None:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}")
     if train.optimizer not in OPTIMIZERS:
         raise ConfigError(f"train.optimizer: '{train.optimizer}' is not known; use one of {', '.join(OPTIMIZERS)}")
+    from tuneforge.train.tracking import check_reporters
+
+    check_reporters(train.report_to)
     if train.compile and (train.deepspeed or train.fsdp.enabled):
         raise ConfigError("train.compile (torch_compile) is for single-process and DDP runs; it is not combined "
                           "with DeepSpeed or FSDP here: drop one of them")

@@ -123,12 +123,18 @@ class _SwanLab:
         self.swanlab.finish()
 
 
+def check_reporters(names: list[str]) -> None:
+    """Each reporter known and installed (checked when the config loads, before any model does)."""
+    for name in names:
+        if name not in KNOWN_REPORTERS:
+            raise ConfigError(f"train.report_to: '{name}' is not one of {', '.join(KNOWN_REPORTERS)}")
+        if not available(name):
+            raise ConfigError(f"train.report_to includes {name}, which is not installed: pip install {name} (or "
+                              f"remove it from report_to)")
+
+
 def _open_writer(name: str, logging_dir: Path, run_dir: Path, config: dict[str, Any]) -> Any:
-    if name not in KNOWN_REPORTERS:
-        raise ConfigError(f"train.report_to: '{name}' is not one of {', '.join(KNOWN_REPORTERS)}")
-    module = {"tensorboard": "tensorboard", "wandb": "wandb", "swanlab": "swanlab", "mlflow": "mlflow"}[name]
-    if not available(module):
-        raise ConfigError(f"train.report_to includes {name}, which is not installed: pip install {module}")
+    check_reporters([name])
     if name == "tensorboard":
         return _TensorBoard(logging_dir)
     if name == "wandb":
