@@ -66,3 +66,31 @@ def test_pad_token_falls_back_to_eos(tokenizer):
 def test_trust_remote_code_is_off_by_default(tiny_model_dir):
     assert ModelConfig().trust_remote_code is False
     assert load_tokenizer(ModelConfig(path=str(tiny_model_dir))) is not None
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_trust_remote_code_reaches_every_loader(trust, tiny_model_dir, tiny_run, tmp_path, monkeypatch):
+    """Every config, tokenizer and model load (base, a run's saved tokenizer, the export's verification) passes
+    the setting through: off unless the user sets it."""
+    import transformers
+
+    from tuneforge.chat.engine import load_engine
+    from tuneforge.config import load
+    from tuneforge.export.merge import export
+
+    seen: list[tuple[str, object]] = []
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM, transformers.AutoConfig):
+        original = cls.from_pretrained
+
+        def record(*args, _original=original, _name=cls.__name__, **kwargs):
+            seen.append((_name, kwargs.get("trust_remote_code")))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", record)
+    load_engine(ModelConfig(path=str(tiny_model_dir), adapter_path=[str(tiny_run)], trust_remote_code=trust))
+    export(load(None, [f"model.path={tiny_model_dir}", f"model.adapter_path=[{tiny_run}]",
+                       f"model.trust_remote_code={str(trust).lower()}", f"export.dir={tmp_path / 'out'}",
+                       "export.modelfile=false"]))
+    names = {name for name, _ in seen}
+    assert {"AutoTokenizer", "AutoModelForCausalLM"} <= names and len(seen) >= 6
+    assert all(value is trust for _, value in seen), seen

@@ -88,10 +88,10 @@ def test_fused_loss_equals_plain_cross_entropy(make_cfg):
     assert torch.allclose(ours.loss_sum, reference, rtol=1e-5) and int(ours.units) == 2 * 7  # labels 5..11 of 12
 
 
-def write_config(tmp_path: Path, tiny_model_dir: Path, out: str, **train) -> Path:
+def write_config(tmp_path: Path, tiny_model_dir: Path, out: str, data: dict | None = None, **train) -> Path:
     cfg = {"model": {"path": str(tiny_model_dir)}, "finetune": {"method": "lora"},
            "data": {"dataset": ["identity"], "template": "chatml", "cutoff_len": 128, "max_samples": 24,
-                    "cache_dir": str(tmp_path / "cache")},
+                    "cache_dir": str(tmp_path / "cache"), **(data or {})},
            "train": {"batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "precision": "fp32",
                      "logging_steps": 1, **train},
            "output": {"dir": str(tmp_path / out), "plot_loss": False}}
@@ -162,11 +162,20 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir,
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, tiny_model_dir):
-    common = dict(max_steps=3, save_steps=0, gradient_accumulation_steps=1, group_by_length=False)
-    single = write_config(tmp_path, tiny_model_dir, "single", batch_size=4, **common)
-    double = write_config(tmp_path, tiny_model_dir, "ddp", batch_size=2, **common)
+    """Same weights, and the same validation loss: 5 held-out rows (an odd count) evaluated at step 3 are shared
+    between the two processes and gathered, each row counted once."""
+    common = dict(max_steps=3, save_steps=0, eval_steps=3, gradient_accumulation_steps=1, group_by_length=False)
+    val = {"val_size": 5}
+    single = write_config(tmp_path, tiny_model_dir, "single", data=val, batch_size=4, **common)
+    double = write_config(tmp_path, tiny_model_dir, "ddp", data=val, batch_size=2, **common)
     train_one_and_two_processes(single, double)
     assert_same(adapter_weights(tmp_path / "ddp"), adapter_weights(tmp_path / "single"), 1e-5)
+
+    def eval_losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["eval_loss"] for x in lines if "eval_loss" in json.loads(x)]
+
+    assert len(eval_losses("single")) == 1 and eval_losses("ddp") == pytest.approx(eval_losses("single"), rel=1e-5)
 
 
 def train_one_and_two_processes(single: Path, double: Path) -> None:

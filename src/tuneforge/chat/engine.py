@@ -432,7 +432,7 @@ def load_engine(model_cfg: ModelConfig, template: str = "auto", default_system: 
         info = run_info(base_folder)  # a full run's model/ folder records its template and stage too
     tokenizer = load_tokenizer(replace(base, adapter_path=[]), padding_side="left")
     model = load_model(base)
-    tokenizer = adopt_saved_vocab(model, tokenizer, folders)  # tokens a run added (model.add_tokens, ...)
+    tokenizer = adopt_saved_vocab(model, tokenizer, folders, base.trust_remote_code)  # tokens a run added
     for folder in stacked[:-1]:
         model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     names: list[str] = []

@@ -161,10 +161,12 @@ def verify(cfg: RunConfig, folder: Path, dtype: str, gguf_kinds: list[str], tole
                             cfg.data.enable_thinking)
     prompts = [reference.prompt_ids([Message("user", p)], None) for p in PROMPTS]
     expected = [_logits_and_greedy(reference.model, ids, reference.stop_ids()) for ids in prompts]
-    artifacts = [(dtype, lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))]
+    trust = cfg.model.trust_remote_code  # an exported custom architecture keeps its code (auto_map)
+    artifacts = [(dtype, lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                      trust_remote_code=trust))]
     for kind in gguf_kinds:
         artifacts.append((f"gguf-{kind}", lambda k=kind: AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=f"model-{k}.gguf", dtype=torch.float32)))
+            folder, gguf_file=f"model-{k}.gguf", dtype=torch.float32, trust_remote_code=trust)))
     checks = []
     for name, loader in artifacts:
         model = loader().eval()

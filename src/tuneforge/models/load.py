@@ -189,14 +189,15 @@ def embedding_module_names(model: Any) -> list[str]:
     return sorted({name.split(".")[-1] for name, module in model.named_modules() if any(module is m for m in wanted)})
 
 
-def adopt_saved_vocab(model: Any, tokenizer: Any, folders: list[Path]) -> Any:
+def adopt_saved_vocab(model: Any, tokenizer: Any, folders: list[Path], trust_remote_code: bool = False) -> Any:
     """For chat and export: a run folder whose saved tokenizer has more tokens than the base's (added tokens)
     brings that tokenizer, and the base's embeddings grow to the rows the run trained with (the adapter's
     saved embed_tokens / lm_head then fill them)."""
     from transformers import AutoTokenizer
 
     with_tokenizer = [f for f in folders if (f / "tokenizer_config.json").is_file()]
-    saved = AutoTokenizer.from_pretrained(with_tokenizer[-1]) if with_tokenizer else tokenizer
+    saved = AutoTokenizer.from_pretrained(with_tokenizer[-1], trust_remote_code=trust_remote_code) \
+        if with_tokenizer else tokenizer
     if len(saved) > len(tokenizer):
         ensure_pad_token(saved)
         saved.padding_side = tokenizer.padding_side
