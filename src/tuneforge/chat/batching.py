@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -65,6 +66,11 @@ class Batcher:
         self.manager.logit_processor = sampling_processors()  # replaces the (empty) chain made for argmax
         with torch.inference_mode():  # the loop thread runs in the starting thread's inference mode
             self.manager.start()
+        # The manager's loop thread is not a daemon: a process that never calls close() (a crash before it) would
+        # wait for it forever at exit. Python runs these hooks before joining such threads (as concurrent.futures).
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            register(self.close, 1.0)
 
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
         """Whether one request's prompt and answer fit the shared cache with room for others."""
