@@ -25,6 +25,7 @@ from tuneforge.finetune.methods import ADAPTER_METHODS, save_adapter
 from tuneforge.finetune.neftune import add_neftune
 from tuneforge.io import plain_modes, write_text_atomic
 from tuneforge.models.load import fit_vocab, load_model, load_tokenizer, train_embeddings
+from tuneforge.models.segments import use_segments
 from tuneforge.models.valuehead import WithValueHead, save_value_head
 from tuneforge.paths import RUN_INFO
 from tuneforge.stages import Stage, build_stage
@@ -312,6 +313,8 @@ def load_for_training(cfg: RunConfig, precision: str, tokenizer: Any = None) -> 
         and cfg.model.dtype == "auto" else None
     model = load_model(cfg.model, dtype=dtype, max_length=cfg.data.cutoff_len)
     model.config.use_cache = False
+    if cfg.data.neat_packing:  # one causal attention call per packed row instead of a block-diagonal mask
+        use_segments(model)
     finetune = train_embeddings(cfg.finetune, fit_vocab(model, tokenizer, cfg.model)) if tokenizer is not None \
         else cfg.finetune
     model = apply_method(model, finetune, cfg.model.adapter_path, quantized=bool(cfg.model.quantization_bit),

@@ -121,3 +121,30 @@ def test_compiled_layers_give_the_plain_loss_and_gradients(make_cfg):
     assert grads.keys() == plain_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-6, rtol=1e-5)
+
+
+def test_neat_packed_rows_attend_segment_by_segment_with_the_block_masks_result(make_cfg):
+    """neat_packing runs one causal attention call per packed row (no [b, 1, t, t] mask): loss and gradients are
+    those of transformers' SDPA path with its block-diagonal mask."""
+    from tuneforge.models.segments import NAME
+    from tuneforge.run import prepare
+    from tuneforge.stages.base import unwrap_causal_lm
+
+    job = prepare(make_cfg("finetune.method=lora", "finetune.lora.rank=4", "train.precision=fp32",
+                           "data.neat_packing=true", "data.cutoff_len=256"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in job.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    lm = unwrap_causal_lm(job.model)
+    assert lm.config._attn_implementation == NAME
+    batch = job.stage.collate(job.train_rows[:2])
+    segments = int((batch["position_ids"] == 0).sum())
+    assert "attention_mask" not in batch and segments > 2 * 2  # several rows packed per block
+    loss, grads = step(job, batch, "fp32")
+    lm.set_attn_implementation("sdpa")
+    plain_loss, plain_grads = step(job, batch, "fp32")
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-6, rtol=1e-4)

@@ -1,0 +1,74 @@
+"""Attention for neat-packed rows: one causal attention call per packed segment instead of one call over the whole
+block with a materialised block-diagonal [b, 1, t, t] mask (which also keeps SDPA off its causal fast path).
+
+Registered in transformers' AttentionInterface as `tuneforge_segments`; with no mask function registered for it,
+the model hands the attention the raw inputs (no 4D mask), and the position ids, which restart at 0 for every
+packed row. Anything else (a padding mask, a KV cache) goes to transformers' own SDPA path with a mask built here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+NAME = "tuneforge_segments"
+
+
+def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """[b, heads, t, d] query and [b, kv_heads, t, d] key/value -> [b, t, heads, d]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None or position_ids is None or q_len != kv_len or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, _mask(attention_mask, query, key),
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    position_ids = position_ids.expand(query.shape[0], -1)
+    dropout = dropout if module.training else 0.0
+    rows = []
+    for row in range(query.shape[0]):
+        starts = (position_ids[row] == 0).nonzero().flatten().tolist()
+        starts = starts if starts and starts[0] == 0 else [0, *starts]
+        ends = [*starts[1:], q_len]
+        parts = [F.scaled_dot_product_attention(query[row:row + 1, :, s:e], key[row:row + 1, :, s:e],
+                                                value[row:row + 1, :, s:e], is_causal=True, dropout_p=dropout,
+                                                scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+                 for s, e in zip(starts, ends)]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+def _mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """The [b, 1, q, kv] causal (+ padding) mask SDPA takes, the queries being the last q keys; None when plain
+    causal attention over equal lengths says it all."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.ndim == 4:
+        return attention_mask
+    if attention_mask is None and q_len == kv_len:
+        return None
+    kv = torch.arange(kv_len, device=query.device)
+    q = torch.arange(q_len, device=query.device) + (kv_len - q_len)
+    mask = (kv[None, :] <= q[:, None])[None, None].expand(query.shape[0], 1, q_len, kv_len)
+    return mask if attention_mask is None else mask & attention_mask[:, None, None, -kv_len:].bool()
+
+
+def register() -> str:
+    """Make the implementation known to transformers (idempotent); its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, segment_attention)
+    return NAME
+
+
+def use_segments(model: torch.nn.Module) -> bool:
+    """Switch a model whose attention is SDPA to per-segment attention; whether it was switched."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    register()
+    model.set_attn_implementation(NAME)
+    return True
