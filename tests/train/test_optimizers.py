@@ -411,3 +411,19 @@ def test_learning_rate_curve_with_warmup(scheduler):
                 "polynomial": (base - 1e-7) * (1 - progress) + 1e-7}[scheduler]
 
     assert seen == pytest.approx([expected(s) for s in range(total)], abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "rmsprop", "adagrad", "adafactor"])
+def test_each_plain_optimizer_by_name(make_cfg, name):
+    """train.optimizer (LF optim) builds that optimizer's own class, and one step moves the adapters only."""
+    from transformers.optimization import Adafactor
+
+    expected = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
+                "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad, "adafactor": Adafactor}[name]
+    cfg, model = tiny_model(make_cfg, f"train.optimizer={name}")
+    optimizer = build_optimizer(model, cfg.train)
+    assert type(optimizer) is expected
+    before = snapshot(model)
+    fake_step(optimizer, model)
+    changed = moved(before, model)
+    assert changed and changed == {n for n, p in model.named_parameters() if p.requires_grad}
