@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -78,6 +79,20 @@ def ensure_lf_venv(venv: Path) -> Path:
         os.remove(so)
     (venv / READY).write_text(LF_VERSION)
     return cli
+
+
+def add_lf_arguments(parser: Any) -> None:
+    """--lf-venv and --no-lf, which every side-by-side benchmark takes."""
+    parser.add_argument("--lf-venv", type=Path, default=DEFAULT_LF_VENV)
+    parser.add_argument("--no-lf", action="store_true")
+
+
+def lf_and_header(args: Any) -> Path | None:
+    """Print the machine and versions; LF's CLI (installed on first use), or None with --no-lf."""
+    print(f"machine: {machine()}")
+    lf_cli = None if args.no_lf else ensure_lf_venv(args.lf_venv.expanduser())
+    print(f"versions: {versions(lf_cli.parent / 'python' if lf_cli else None)}")
+    return lf_cli
 
 
 def fail(message: str, output: str) -> None:

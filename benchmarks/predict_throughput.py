@@ -22,14 +22,13 @@ import tempfile
 from pathlib import Path
 
 from lfbench import (
-    DEFAULT_LF_VENV,
     LF_ENV,
     Run,
-    ensure_lf_venv,
+    add_lf_arguments,
     launch,
+    lf_and_header,
     machine,
     tuneforge_keys,
-    versions,
     write_config,
 )
 
@@ -59,14 +58,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--lf-venv", type=Path, default=DEFAULT_LF_VENV)
-    parser.add_argument("--no-lf", action="store_true")
+    add_lf_arguments(parser)
     args = parser.parse_args()
     from tuneforge.models.embedded import embedded_model_dir
 
-    print(f"machine: {machine()}")
-    lf_cli = None if args.no_lf else ensure_lf_venv(args.lf_venv.expanduser())
-    print(f"versions: {versions(lf_cli.parent / 'python' if lf_cli else None)}")
+    lf_cli = lf_and_header(args)
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="tuneforge-predict-bench-") as tmp:
         work = Path(tmp)

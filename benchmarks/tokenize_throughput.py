@@ -28,15 +28,13 @@ import tempfile
 from pathlib import Path
 
 from lfbench import (
-    DEFAULT_LF_VENV,
     LF_ENV,
     Run,
-    ensure_lf_venv,
+    add_lf_arguments,
     launch,
-    machine,
+    lf_and_header,
     sample_text,
     tuneforge_keys,
-    versions,
     write_config,
 )
 
@@ -80,16 +78,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--lf-venv", type=Path, default=DEFAULT_LF_VENV)
-    parser.add_argument("--no-lf", action="store_true")
+    add_lf_arguments(parser)
     args = parser.parse_args()
     from tuneforge.config.schema import ModelConfig
     from tuneforge.models.embedded import embedded_model_dir
     from tuneforge.models.load import load_tokenizer
 
-    print(f"machine: {machine()}")
-    lf_cli = None if args.no_lf else ensure_lf_venv(args.lf_venv.expanduser())
-    print(f"versions: {versions(lf_cli.parent / 'python' if lf_cli else None)}")
+    lf_cli = lf_and_header(args)
     with tempfile.TemporaryDirectory(prefix="tuneforge-tokenize-bench-") as tmp:
         work = Path(tmp)
         make_rows(work / "data" / "bench.json", args.rows, load_tokenizer(ModelConfig()))

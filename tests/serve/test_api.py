@@ -33,9 +33,10 @@ def engine(tiny_model_dir, tiny_run, tiny_run_b):
     engine.stop_batching()
 
 
-def serve(engine, api_key=None):
+def serve(engine, api_key=None, name="tiny-base", **options):
+    """The app on a free loopback port, served in a thread (stopped by setting should_exit)."""
     port = free_port()
-    app = create_app(engine, "tiny-base", api_key, GEN)
+    app = create_app(engine, name, api_key, GEN, **options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

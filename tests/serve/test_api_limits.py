@@ -3,31 +3,23 @@ after its client left, sneak loose types past validation, or read exception text
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn  # the api extra: installed by scripts/setup.sh
 
 from tuneforge.chat.batching import BatchSettings
 from tuneforge.chat.engine import load_engine
-from tuneforge.config.schema import GenerationConfig, ModelConfig
+from tuneforge.config.schema import ModelConfig
 from tuneforge.serve.api import create_app
-from tuneforge.train.distributed import free_port
+
+from .test_api import serve as serve_app
 
 HI = [{"role": "user", "content": "hi"}]
 
 
-def serve(engine, **kwargs):
-    port = free_port()
-    app = create_app(engine, "tiny", None, GenerationConfig(max_new_tokens=8), **kwargs)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    threading.Thread(target=server.run, daemon=True).start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    return server, f"http://127.0.0.1:{port}/v1"
+def serve(engine, **options):
+    return serve_app(engine, name="tiny", **options)
 
 
 @pytest.fixture(scope="module")

@@ -236,7 +236,7 @@ class ChatEngine:
     def batchable(self, gen: GenerationConfig, adapter: bool | str, prompt_tokens: int) -> bool:
         """Whether the batcher can run this request: greedy or unseeded sampling, no repetition penalty, the
         default weights, and a prompt + answer that fit its cache."""
-        sample = gen.do_sample if gen.do_sample is not None else gen.temperature > 0
+        sample = self.sampling(gen)["temperature"] > 0
         default = adapter is True or (not self.adapters and adapter is BASE) or \
             (bool(self.adapters) and adapter == self.adapters[-1])
         return (self.batcher is not None and self.batcher.running and not (sample and gen.seed is not None)
