@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 
 from tuneforge.chat.batching import BatchSettings
-from tuneforge.chat.engine import load_engine
+from tuneforge.chat.engine import Completion, load_engine
 from tuneforge.cli.api_cmd import adapter_names
 from tuneforge.config.schema import GenerationConfig, ModelConfig
 from tuneforge.data.types import Message
@@ -183,6 +183,74 @@ def test_tool_calls_are_parsed_from_the_answer():
     assert calls[0]["function"]["name"] == "get_weather"
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
     assert parse_tool_calls("just text") == []
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"},
+                                                                          "unit": {"type": "string"}}}}}]
+# chatml names no tool format, so the default (ReAct-style) one applies: what a model trained on it writes
+CALL = 'Action: get_weather\nAction Input: {"city": "Paris", "unit": "celsius"}'
+
+
+@pytest.fixture
+def calling_model(engine, monkeypatch):
+    """The engine answers every request with CALL (streamed in three pieces); the tools each request passed to
+    the engine are recorded."""
+    seen = []
+
+    async def acomplete(messages, gen, adapter, tools, stop, limit):
+        seen.append(tools)
+        return Completion(text=CALL, prompt_tokens=7, completion_tokens=20)
+
+    async def astream(messages, gen, adapter, tools, stop, result, limit):
+        seen.append(tools)
+        for piece in (CALL[:9], CALL[9:30], CALL[30:]):
+            yield piece
+        result.text, result.finish_reason = CALL, "stop"
+
+    monkeypatch.setattr(engine, "acomplete", acomplete)
+    monkeypatch.setattr(engine, "astream", astream)
+    return seen
+
+
+def test_tool_call_answer_is_an_openai_tool_calls_response(open_server, calling_model):
+    client = openai.OpenAI(base_url=open_server, api_key="unused")
+    reply = client.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "Paris?"}],
+                                           tools=WEATHER)
+    (answer,) = reply.choices
+    assert answer.finish_reason == "tool_calls" and answer.message.content is None
+    (call,) = answer.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+    assert "get_weather" in calling_model[0] and "Weather of a city" in calling_model[0]
+    # without tools offered the same answer is plain text
+    plain = client.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "Paris?"}])
+    assert plain.choices[0].message.content == CALL and plain.choices[0].finish_reason == "stop"
+    assert calling_model[1] is None
+
+
+def test_streamed_tool_call_arrives_as_tool_calls_deltas_never_as_text(open_server, calling_model):
+    client = openai.OpenAI(base_url=open_server, api_key="unused")
+    chunks = list(client.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "Paris?"}],
+                                                 tools=WEATHER, stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(d.content or "" for d in deltas) == ""
+    calls = [call for d in deltas for call in (d.tool_calls or [])]
+    assert [(c.index, c.function.name) for c in calls] == [(0, "get_weather")] and calls[0].id.startswith("call_")
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris", "unit": "celsius"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
+
+
+def test_streamed_answer_with_tools_offered_but_no_call_is_the_whole_text(open_server):
+    client = openai.OpenAI(base_url=open_server, api_key="unused")
+    question = {"model": "tiny_a", "messages": [{"role": "user", "content": "Paris?"}], "tools": WEATHER,
+                "max_tokens": 8, "temperature": 0}
+    whole = client.chat.completions.create(**question).choices[0]
+    assert whole.message.content and not whole.message.tool_calls  # the tiny model calls nothing
+    chunks = list(client.chat.completions.create(**question, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == [whole.finish_reason]
 
 
 def test_tools_reach_the_prompt(engine):

@@ -90,13 +90,38 @@ def test_run_folder_contract(tmp_path, tiny_model_dir):
     assert main(["train", str(config)]) == 2
 
 
-def test_plan_prints_steps_memory_and_time_without_training(tmp_path, tiny_model_dir, capsys):
+@pytest.mark.parametrize(("precision", "weight_bytes", "activation_bytes"), [("fp32", 4, 4), ("bf16", 2, 2)])
+def test_plan_prints_steps_memory_and_time_without_training(tmp_path, tiny_model_dir, tokenizer, capsys,
+                                                             monkeypatch, precision, weight_bytes, activation_bytes):
+    import tuneforge.run
+
+    plans = []
+    monkeypatch.setattr(tuneforge.run, "print_plan", lambda plan: (plans.append(plan), print_plan(plan)))
+    from tuneforge.train.plan import print_plan
+
     assert main(["train", "--plan", f"model.path={tiny_model_dir}", "data.dataset=identity", "data.template=chatml",
-                 "data.max_samples=32", "train.batch_size=2", "train.gradient_accumulation_steps=2",
-                 "train.epochs=3", f"output.dir={tmp_path / 'run'}"]) == 0
+                 "data.max_samples=32", "data.cutoff_len=16", "train.batch_size=2", f"train.precision={precision}",
+                 "train.gradient_accumulation_steps=2", "train.epochs=3", f"output.dir={tmp_path / 'run'}"]) == 0
     err = capsys.readouterr().err
-    assert "8 per epoch x 3 epochs = 24" in err
-    assert "peak memory" in err and "from two measured steps" in err
+    assert "8 per epoch x 3 epochs = 24" in err and "from two measured steps" in err
+    (plan,) = plans
+    # every identity row is longer than 16 tokens, so the longest row is exactly cutoff_len
+    assert plan.truncated == plan.rows == 32 and plan.precision == precision
+    # By hand, from the tiny Llama's shapes (hidden 64, intermediate 128, 2 layers, 4 heads / 2 kv heads of 16,
+    # tied embeddings) and LoRA r=8 on all seven linears of a layer:
+    vocab = len(tokenizer)
+    layer = 64 * 64 + 2 * (64 * 32) + 64 * 64 + 3 * (64 * 128) + 2 * 64
+    base = vocab * 64 + 2 * layer + 64
+    lora = 2 * 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128))
+    assert (plan.trainable_params, plan.total_params) == (lora, base + lora)
+    tokens = 2 * 16  # batch x longest row
+    expected = (base * weight_bytes + lora * 4  # frozen weights in the compute dtype, adapters upcast to fp32
+                + lora * 4 * 3  # fp32 gradients and AdamW's two moments of the trained weights
+                + tokens * 2 * (10 * 64 + 4 * 128) * activation_bytes  # activations kept for backward
+                + tokens * vocab * 4 * 2  # logits and their gradient of the loss chunk
+                + 600 * 2**20)  # the Python process with torch imported
+    assert plan.peak_memory_gb == pytest.approx(expected / 2**30, rel=1e-12)
+    assert f"~{expected / 2**30:.1f} GB per process" in err
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -253,7 +253,11 @@ def parse_tool_calls(text: str) -> list[dict[str, Any]]:
 async def stream_chunks(engine: ChatEngine, messages: list[Message], gen: GenerationConfig, adapter: Any,
                         tools: str | None, stop: list[str], model: str, cid: str, created: int, n: int,
                         time_limit: float | None = None) -> Any:
-    """SSE events: a role chunk, content chunks, a finish chunk per choice, then [DONE]."""
+    """SSE events: a role chunk, content chunks, a finish chunk per choice, then [DONE].
+
+    With tools offered an answer is held until it ends (a call's text must not reach the client as content): it
+    then arrives as one tool_calls delta (finish_reason "tool_calls"), or as one content delta when it is no call.
+    """
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> str:
         return json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": [{"index": index, "delta": delta, "finish_reason": finish}]},
@@ -263,7 +267,18 @@ async def stream_chunks(engine: ChatEngine, messages: list[Message], gen: Genera
         seeded = replace(gen, seed=None if gen.seed is None else gen.seed + index)
         result = Completion()
         yield {"data": chunk(index, {"role": "assistant", "content": ""})}
+        held: list[str] = []
         async for piece in engine.astream(messages, seeded, adapter, tools, stop, result, time_limit):
-            yield {"data": chunk(index, {"content": piece})}
+            if tools:
+                held.append(piece)
+            else:
+                yield {"data": chunk(index, {"content": piece})}
+        calls = openai_tool_calls(engine.template, "".join(held)) if tools else []
+        if calls:
+            yield {"data": chunk(index, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]},
+                                 "tool_calls")}
+            continue
+        if held:
+            yield {"data": chunk(index, {"content": "".join(held)})}
         yield {"data": chunk(index, {}, result.finish_reason)}
     yield {"data": "[DONE]"}
