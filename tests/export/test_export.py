@@ -126,6 +126,37 @@ def test_quantized_base_message_names_the_fix(tmp_path, tiny_model_dir, tiny_run
     assert "cannot merge adapters into a quantized base" in err and "remove model.quantization_bit" in err
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_export_dtype_and_overwriting_an_earlier_export(dtype, exported, tmp_path, tiny_model_dir, tiny_run):
+    """An fp32 export (several shards, two GGUF files) is replaced by a one-shard export in `dtype`: its tensors are
+    the fp32 export's rounded to `dtype`, no stale shard or GGUF stays, and the user's own file is kept."""
+    import shutil
+
+    from safetensors import safe_open
+
+    first = exported[1]
+    out = shutil.copytree(first, tmp_path / "out")
+    (out / "notes.txt").write_text("mine")
+    base = [f"model.path={tiny_model_dir}", f"model.adapter_path={tiny_run}", f"export.dir={out}",
+            f"export.dtype={dtype}", "export.gguf=[]"]
+    assert main(["export", *base]) == 2  # not empty, overwrite not set: nothing touched
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in first.iterdir()] + ["notes.txt"])
+    assert main(["export", *base, "export.overwrite=true"]) == 0
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]  # one shard, GGUFs gone
+    assert (out / "notes.txt").read_text() == "mine"
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert json.loads((out / "config.json").read_text())["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
+    index = json.loads((first / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(out / "model.safetensors", "pt") as new:
+        assert sorted(new.keys()) == sorted(index)
+        for name in index:
+            with safe_open(first / index[name], "pt") as old:
+                reference = old.get_tensor(name)
+            tensor = new.get_tensor(name)
+            assert reference.dtype == torch.float32 and tensor.dtype == torch_dtype, name
+            assert torch.equal(tensor, reference.to(torch_dtype)), name
+
+
 def test_llamafactory_export_keys(tmp_path, tiny_model_dir, tiny_run):
     out = tmp_path / "lf"
     assert main(["export", "--model_name_or_path", str(tiny_model_dir), "--adapter_name_or_path", str(tiny_run),

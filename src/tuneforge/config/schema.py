@@ -401,7 +401,8 @@ class ExportConfig:
     tolerance: float | None = None
     """Largest allowed logit difference; default depends on the dtype (see the README)."""
     overwrite: bool = False
-    """Replace an existing export folder."""
+    """Export into a non-empty export.dir: an earlier export's weight files are removed and its other files
+    replaced; files the export does not write are kept."""
 
 
 @dataclass

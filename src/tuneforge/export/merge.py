@@ -4,7 +4,6 @@ generation config, Modelfile, GGUF), then prove it: reload each artifact and com
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -86,12 +85,20 @@ def export(cfg: RunConfig) -> ExportReport:
     return report
 
 
+# Files of an earlier export that a new one may not replace (fewer shards, no GGUF): removed on overwrite so that
+# no stale weights stay beside the new ones. Everything else in the folder is the user's and is kept.
+STALE_WEIGHTS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "model-*.gguf")
+
+
 def prepare_folder(folder: Path, overwrite: bool) -> Path:
-    """An empty export folder; an existing non-empty one needs export.overwrite."""
-    if folder.exists() and any(folder.iterdir()):
+    """An empty export folder; an existing non-empty one needs export.overwrite, which removes an earlier export's
+    weight files (the other files are overwritten by name, and files the export does not write are kept)."""
+    if folder.is_dir() and any(folder.iterdir()):
         if not overwrite:
             raise ConfigError(f"export.dir {folder} is not empty; set export.overwrite=true or choose another folder")
-        shutil.rmtree(folder)
+        for pattern in STALE_WEIGHTS:
+            for stale in folder.glob(pattern):
+                stale.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
