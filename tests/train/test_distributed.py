@@ -1,8 +1,10 @@
 """Launches beyond one process with tuneforge's loop: real 2-process runs of the tiny model over gloo (DeepSpeed
 ZeRO-2/3 and FSDP2 against DDP, their resumes, two nodes through tuneforge's torchrun re-launch), LLaMA-Factory's
 own DeepSpeed examples under torchrun and accelerate configs under `accelerate launch`, and the config and launcher
-checks (in-process). Each launch costs ~12 s here, nearly all of it two processes importing torch and
-transformers, so every run serves as many checks as it can."""
+checks (in-process). A launch through torchrun or accelerate costs ~12 s here, nearly all of it two processes
+importing torch and transformers; the comparison runs therefore start their two ranks from tests/launch.py's
+forkserver (torchrun's environment, the same entry point, imports paid once), and the launchers keep the runs that
+test them."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.launch import two_ranks
 from tuneforge.errors import ConfigError
 from tuneforge.train.distributed import fill_deepspeed_config, free_port, read_deepspeed_config
 
@@ -74,7 +77,7 @@ def worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def ddp(tmp_path_factory, tiny_model_dir) -> Path:
     """DDP with bf16 autocast (2 processes): the reference run."""
     tmp = tmp_path_factory.mktemp("ddp")
-    torchrun("train", str(write_config(tmp, tiny_model_dir, "ddp", precision="bf16")))
+    two_ranks("train", str(write_config(tmp, tiny_model_dir, "ddp", precision="bf16")))
     return tmp / "ddp"
 
 
@@ -84,7 +87,7 @@ def zero3(tmp_path_factory, tiny_model_dir) -> Path:
     tmp = tmp_path_factory.mktemp("zero3")
     path = write_config(tmp, tiny_model_dir, "z3", precision="bf16", deepspeed=str(DS / "ds_z3_config.json"),
                         save_steps=2)
-    assert "x 2 process(es)" in torchrun("train", str(path)).stderr
+    assert "x 2 process(es)" in two_ranks("train", str(path)).stderr
     return tmp / "z3"
 
 
@@ -108,7 +111,7 @@ def test_zero3_lora_bf16_matches_ddp_within_bf16_tolerance(zero3, ddp):
 
 def test_zero2_lora_bf16_matches_ddp_within_bf16_tolerance(ddp, tmp_path, tiny_model_dir):
     path = write_config(tmp_path, tiny_model_dir, "z2", precision="bf16", deepspeed=str(DS / "ds_z2_config.json"))
-    torchrun("train", str(path))
+    two_ranks("train", str(path))
     matches_ddp_up_to_bf16(tmp_path / "z2", ddp)
 
 
@@ -124,7 +127,7 @@ def test_zero3_resume_gives_the_same_weights(zero3, tmp_path, tiny_model_dir):
     resumed = write_config(tmp_path, tiny_model_dir, "resumed", precision="bf16", save_steps=2,
                            deepspeed=str(DS / "ds_z3_config.json"), resume_from_checkpoint="auto")
     shutil.copytree(step2, tmp_path / "resumed" / "checkpoints" / "step-2")
-    done = torchrun("train", str(resumed))
+    done = two_ranks("train", str(resumed))
     assert "resumed from" in done.stderr
     assert worst(adapter(tmp_path / "resumed"), adapter(zero3)) == 0.0
     assert [r["loss"] for r in records(tmp_path / "resumed")] == [r["loss"] for r in records(zero3)[2:]]
@@ -196,7 +199,7 @@ def test_llamafactorys_fsdp2_config_shards_lora_and_matches_ddp(ddp, tmp_path, t
     resumed = write_config(tmp_path, tiny_model_dir, "resumed", precision="bf16", save_steps=2,
                            resume_from_checkpoint="auto", fsdp={"enabled": True})
     shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step-2", tmp_path / "resumed" / "checkpoints" / "step-2")
-    assert "resumed from" in torchrun("train", str(resumed)).stderr
+    assert "resumed from" in two_ranks("train", str(resumed)).stderr
     assert worst(adapter(tmp_path / "resumed"), adapter(tmp_path / "fsdp")) == 0.0
     assert [r["loss"] for r in records(tmp_path / "resumed")] == [r["loss"] for r in records(tmp_path / "fsdp")[2:]]
 
@@ -210,7 +213,7 @@ def test_fsdp_full_finetuning_matches_ddp_and_resumes_exactly(tmp_path, tiny_mod
         path = write_config(tmp_path, tiny_model_dir, name, precision="fp32", save_steps=2)
         path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **full}))
         if name == "ddp":
-            torchrun("train", str(path))
+            two_ranks("train", str(path))
         else:
             done = accelerate_launch(LF / "examples" / "accelerate" / "fsdp_config.yaml", "train", str(path))
             assert "FSDP2 over 2 process(es)" in done.stderr
@@ -235,7 +238,7 @@ def test_fsdp_full_finetuning_matches_ddp_and_resumes_exactly(tmp_path, tiny_mod
                            resume_from_checkpoint="auto", fsdp={"enabled": True})
     resumed.write_text(yaml.safe_dump({**yaml.safe_load(resumed.read_text()), **full}))
     shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step-2", tmp_path / "resumed" / "checkpoints" / "step-2")
-    torchrun("train", str(resumed))
+    two_ranks("train", str(resumed))
     assert worst(load_file(str(tmp_path / "resumed" / "model" / "model.safetensors")), runs["fsdp"]) == 0.0
     assert [r["loss"] for r in records(tmp_path / "resumed")] == [r["loss"] for r in ours[2:]]
 
