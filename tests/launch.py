@@ -38,8 +38,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
-    """One worker: the caller's environment plus torchrun's, output to files, then the CLI's exit code."""
+def _rank(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str, threads: int) -> None:
+    """One worker: the caller's environment (plus torchrun's), output to files, then the CLI's exit code."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -49,7 +49,7 @@ def _rank(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) ->
         os.close(handle)
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     from tuneforge.cli.main import main
 
     code = main(argv)
@@ -58,32 +58,61 @@ def _rank(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) ->
     sys.exit(code)
 
 
+class Worker:
+    """One started process: its multiprocessing handle and its output files."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path, logs: Path, name: str,
+                 threads: int) -> None:
+        self.out, self.err = logs / f"{name}.out", logs / f"{name}.err"
+        self.process = context().Process(target=_rank, args=(argv, env, str(cwd), str(self.out), str(self.err),
+                                                             threads))
+        self.process.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait(self, timeout: float = 300) -> int | None:
+        """The exit code (a signal's as -N), or None if still running after `timeout` (then it is killed)."""
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join()
+            return None
+        return self.process.exitcode
+
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace") if self.out.exists() else ""
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace") if self.err.exists() else ""
+
+
+def one_process(*argv: str, logs: Path | None = None, cwd: Path | None = None) -> Worker:
+    """Start `tuneforge ARGV` as a single process (to signal, wait for and read) with as many intra-op threads as
+    this one, so that its numbers equal a run in this process."""
+    import torch
+
+    logs = Path(tempfile.mkdtemp(prefix="worker-")) if logs is None else logs
+    logs.mkdir(parents=True, exist_ok=True)
+    return Worker(list(argv), dict(os.environ), cwd or Path.cwd(), logs, "worker", torch.get_num_threads())
+
+
 def two_ranks(*argv: str, logs: Path | None = None, cwd: Path | None = None, timeout: float = 300,
               check: bool = True) -> subprocess.CompletedProcess:
     """Run `tuneforge ARGV` as ranks 0 and 1 of one node; stdout / stderr are both ranks' output, rank 0 first."""
     logs = Path(tempfile.mkdtemp(prefix="ranks-")) if logs is None else logs
     logs.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
-    ctx = context()
-    procs, files = [], []
+    workers = []
     for rank in (0, 1):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    GROUP_RANK="0", ROLE_RANK=str(rank), ROLE_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port, OMP_NUM_THREADS="1")
-        out, err = logs / f"rank{rank}.out", logs / f"rank{rank}.err"
-        files.append((out, err))
-        proc = ctx.Process(target=_rank, args=(list(argv), env, str(cwd or Path.cwd()), str(out), str(err)))
-        proc.start()
-        procs.append(proc)
-    for proc in procs:
-        proc.join(timeout)
-    hung = [p for p in procs if p.exitcode is None]
-    for proc in hung:
-        proc.kill()
-        proc.join()
-    stdout = "".join(out.read_text(errors="replace") for out, _ in files if out.exists())
-    stderr = "".join(err.read_text(errors="replace") for _, err in files if err.exists())
-    code = 124 if hung else max(abs(p.exitcode) for p in procs)
+        workers.append(Worker(list(argv), env, cwd or Path.cwd(), logs, f"rank{rank}", 1))
+    codes = [w.wait(timeout) for w in workers]
+    stdout, stderr = "".join(w.stdout() for w in workers), "".join(w.stderr() for w in workers)
+    code = 124 if None in codes else max(abs(c) for c in codes)
     if check:
-        assert code == 0, f"exit codes {[p.exitcode for p in procs]}\n{stderr[-4000:]}"
+        assert code == 0, f"exit codes {codes}\n{stderr[-4000:]}"
     return subprocess.CompletedProcess(["tuneforge", *argv], code, stdout, stderr)

@@ -6,8 +6,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,8 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.launch import one_process, two_ranks
 from tuneforge.train.batches import BatchPlan, pack_rows
-from tuneforge.train.distributed import free_port
 
 from .conftest import snapshot, train_in_process
 
@@ -100,10 +98,6 @@ def write_config(tmp_path: Path, tiny_model_dir: Path, out: str, data: dict | No
     return path
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tuneforge", *args]
-
-
 def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
@@ -115,46 +109,48 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: flo
 
 
 def test_sigkill_then_resume_gives_the_same_weights(tmp_path, tiny_model_dir):
+    from tuneforge.cli.main import main
+
     steps = dict(max_steps=20, save_steps=5)
     reference = write_config(tmp_path, tiny_model_dir, "reference", **steps)
-    subprocess.run(cli("train", str(reference)), check=True, capture_output=True)
+    assert main(["train", str(reference)]) == 0
     killed = write_config(tmp_path, tiny_model_dir, "killed", **steps)
-    proc = subprocess.Popen(cli("train", str(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = one_process("train", str(killed))
     state = tmp_path / "killed" / "checkpoints" / "step-5" / "trainer_state.json"
     deadline = time.time() + 120
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
+    while not state.exists() and time.time() < deadline and proc.process.is_alive():
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
     assert state.exists() and not (tmp_path / "killed" / "adapter").exists(), "run was not interrupted mid-way"
-    subprocess.run(cli("train", str(killed), "train.resume_from_checkpoint=auto"), check=True, capture_output=True)
+    assert main(["train", str(killed), "train.resume_from_checkpoint=auto"]) == 0
     assert_same(adapter_weights(tmp_path / "killed"), adapter_weights(tmp_path / "reference"), 1e-6)
     steps_logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 20
 
 
 def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir, capsys):
+    from tuneforge.cli.main import main
+
     config = write_config(tmp_path, tiny_model_dir, "run", max_steps=60, save_steps=0)
-    proc = subprocess.Popen(cli("train", str(config)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = one_process("train", str(config))
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while (not metrics.exists() or not metrics.read_text()) and time.time() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    os.kill(proc.pid, signal.SIGINT)
+    code, err = proc.wait(120), proc.stderr()
+    assert code == 130, err
     assert "checkpoint saved at step" in err and "Traceback" not in err
     saved = list((tmp_path / "run" / "checkpoints").iterdir())
     assert len(saved) == 1
     stopped = int(saved[0].name.removeprefix("step-"))
     assert 1 <= stopped < 60, "run was not interrupted mid-way"
     # resuming with another batch layout would not continue the run exactly: refused, naming what changed
-    from tuneforge.cli.main import main
-
     assert main(["train", str(config), "train.resume_from_checkpoint=auto", "train.batch_size=1"]) == 2
     refused = capsys.readouterr().err
     assert "train.batch_size: 2 -> 1" in refused and "train.resume_anyway" in refused, refused
-    subprocess.run(cli("train", str(config), "train.resume_from_checkpoint=auto"), check=True, capture_output=True)
+    assert main(["train", str(config), "train.resume_from_checkpoint=auto"]) == 0
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     # the resumed run continued at the step after the checkpoint: every step logged once, in order, to the end
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
@@ -164,11 +160,14 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir,
 def test_two_process_ddp_matches_one_process(tmp_path, tiny_model_dir):
     """Same weights, and the same validation loss: 5 held-out rows (an odd count) evaluated at step 3 are shared
     between the two processes and gathered, each row counted once."""
+    from tuneforge.cli.main import main
+
     common = dict(max_steps=3, save_steps=0, eval_steps=3, gradient_accumulation_steps=1, group_by_length=False)
     val = {"val_size": 5}
     single = write_config(tmp_path, tiny_model_dir, "single", data=val, batch_size=4, **common)
     double = write_config(tmp_path, tiny_model_dir, "ddp", data=val, batch_size=2, **common)
-    train_one_and_two_processes(single, double)
+    assert main(["train", str(single)]) == 0
+    assert "x 2 process(es)" in two_ranks("train", str(double)).stderr
     assert_same(adapter_weights(tmp_path / "ddp"), adapter_weights(tmp_path / "single"), 1e-5)
 
     def eval_losses(run: str) -> list[float]:
@@ -176,17 +175,6 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_model_dir):
         return [json.loads(x)["eval_loss"] for x in lines if "eval_loss" in json.loads(x)]
 
     assert len(eval_losses("single")) == 1 and eval_losses("ddp") == pytest.approx(eval_losses("single"), rel=1e-5)
-
-
-def train_one_and_two_processes(single: Path, double: Path) -> None:
-    """`tuneforge train single` in one process, then `double` under torchrun with 2 processes (gloo)."""
-    subprocess.run(cli("train", str(single)), check=True, capture_output=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), "-m", "tuneforge", "train", str(double)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "x 2 process(es)" in done.stderr
 
 
 def test_save_total_limit_keeps_the_newest(make_cfg):
