@@ -430,6 +430,13 @@ def load_engine(model_cfg: ModelConfig, template: str = "auto", default_system: 
     base_folder = resolve_model_dir(base)
     if not folders:
         info = run_info(base_folder)  # a full run's model/ folder records its template and stage too
+    if model_cfg.infer_backend == "vllm":
+        from tuneforge.chat.vllm_engine import load_vllm_engine, require_vllm
+
+        require_vllm()  # before anything loads
+        tokenizer = load_tokenizer(replace(base, adapter_path=[]), padding_side="left")
+        chosen, system = engine_template(tokenizer, info, template, default_system, enable_thinking, tool_format)
+        return load_vllm_engine(base, base_folder, tokenizer, chosen, system, info, stacked, separate)
     tokenizer = load_tokenizer(replace(base, adapter_path=[]), padding_side="left")
     model = load_model(base)
     tokenizer = adopt_saved_vocab(model, tokenizer, folders, base.trust_remote_code)  # tokens a run added
@@ -446,11 +453,18 @@ def load_engine(model_cfg: ModelConfig, template: str = "auto", default_system: 
         names.append(name)
     model.eval()
     heads = load_value_heads(model, [(MODEL_HEAD, base_folder), *loaded])
+    chosen, system = engine_template(tokenizer, info, template, default_system, enable_thinking, tool_format)
+    return ChatEngine(model, tokenizer, chosen, system, names, value_heads=heads, info=info)
+
+
+def engine_template(tokenizer: Any, info: dict[str, Any], template: str, default_system: str | None,
+                    enable_thinking: bool, tool_format: str | None) -> tuple[Template, str | None]:
+    """The template and default system prompt: as given, else as the run recorded them."""
     template_name = template if template != "auto" else info.get("template", "auto")
     system = default_system if default_system is not None else info.get("default_system")
     chosen = get_template(template_name, tokenizer, system, info.get("enable_thinking", enable_thinking),
                           tool_format or info.get("tool_format"))
-    return ChatEngine(model, tokenizer, chosen, system, names, value_heads=heads, info=info)
+    return chosen, system
 
 
 def load_value_heads(model: Any, sources: list[tuple[str, Path]]) -> dict[str, ValueHead]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -230,10 +231,25 @@ def _export_device(value: Any) -> Assignments:
 
 
 def _infer_backend(value: Any) -> Assignments:
-    """huggingface (transformers generation); vllm / sglang / ktransformers refused."""
-    if value not in ("huggingface", "hf"):
-        raise ConfigError(f"infer_backend: {value!r} is not available; tuneforge serves with huggingface (transformers)")
-    return []
+    """huggingface (transformers generation) or vllm; sglang / ktransformers refused."""
+    if value in ("huggingface", "hf"):
+        return [("model.infer_backend", "huggingface")]
+    if value == "vllm":
+        return [("model.infer_backend", "vllm")]
+    raise ConfigError(f"infer_backend: {value!r} is not available; choose huggingface (transformers) or vllm")
+
+
+def _vllm_config(value: Any) -> Assignments:
+    """A dict of vLLM engine arguments, or its JSON text (as LLaMA-Factory takes it on the command line)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"vllm_config: not valid JSON ({err.msg}); give engine arguments as "
+                              "'{\"max_num_seqs\": 64}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"vllm_config: give a mapping of vLLM engine arguments, got {value!r}")
+    return [("model.vllm.engine_args", value)]
 
 
 def _special_tokens_config(value: Any) -> Assignments:
@@ -408,6 +424,11 @@ MAPPING: dict[str, Callable[[Any], Assignments]] = {
     "repetition_penalty": _to("generation.repetition_penalty"),
     "do_sample": _to("generation.do_sample"),
     "infer_backend": _infer_backend,
+    "vllm_maxlen": _to("model.vllm.max_len"),
+    "vllm_gpu_util": _to("model.vllm.gpu_util"),
+    "vllm_enforce_eager": _to("model.vllm.enforce_eager"),
+    "vllm_max_lora_rank": _to("model.vllm.max_lora_rank"),
+    "vllm_config": _vllm_config,
     "export_dir": _to("export.dir"),
     "do_predict": _evaluate_after("predict"),
     "predict_with_generate": _evaluate_after("predict"),
@@ -512,8 +533,7 @@ NO_EFFECT.update({
             "video_min_pixels", "video_fps", "video_maxlen", "audio_sampling_rate", "use_audio_in_video",
             "media_dir", "freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model",
         ],
-        "a setting of the vLLM / SGLang / KTransformers inference back-ends, which tuneforge does not use": [
-            "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager", "vllm_max_lora_rank", "vllm_config",
+        "a setting of the SGLang / KTransformers inference back-ends, which tuneforge does not use": [
             "sglang_maxlen", "sglang_mem_fraction", "sglang_tp_size", "sglang_config", "sglang_lora_backend",
             "kt_weight_path", "kt_expert_checkpoint_path", "kt_lora_expert_num", "kt_lora_expert_intermediate_size",
             "kt_use_lora_experts",

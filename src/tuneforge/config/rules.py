@@ -28,6 +28,9 @@ GALORE_BASES = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor")
 # whose value is None (unset) is not checked. Cross-key rules follow in the functions below.
 RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.logging_steps": (1, None, True, True),
+    "model.vllm.max_len": (1, None, True, True),
+    "model.vllm.gpu_util": (0, 1, False, True),
+    "model.vllm.max_lora_rank": (1, None, True, True),
     "train.save_steps": (0, None, True, True),
     "train.save_total_limit": (1, None, True, True),
     "train.eval_steps": (0, None, True, True),

@@ -10,6 +10,20 @@ Stage = Literal["pt", "sft", "rm", "dpo", "kto", "ppo", "grpo"]
 
 
 @dataclass
+class VllmConfig:
+    max_len: int = 4096
+    """Longest prompt + answer vLLM plans its KV cache for (LLaMA-Factory's vllm_maxlen)."""
+    gpu_util: float = 0.7
+    """Share of GPU memory vLLM may take, 0-1 (vllm_gpu_util)."""
+    enforce_eager: bool = False
+    """Run without CUDA graphs (vllm_enforce_eager)."""
+    max_lora_rank: int = 32
+    """Largest adapter rank vLLM reserves for; raised to the loaded adapters' rank when smaller (vllm_max_lora_rank)."""
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """More vLLM engine arguments, passed as given (vllm_config)."""
+
+
+@dataclass
 class ModelConfig:
     path: str = "smollm2-135m-instruct"
     """Local folder, Hugging Face id, ModelScope id, or the alias 'smollm2-135m-instruct' (embedded model)."""
@@ -45,6 +59,11 @@ class ModelConfig:
     """Grow the embeddings to the tokenizer's size; on with add_tokens; LoRA then trains embed_tokens and lm_head."""
     split_special_tokens: bool = False
     """Tokenize special-token text (e.g. <|im_end|>) as plain text, as LLaMA-Factory does, template markers too."""
+    infer_backend: Literal["huggingface", "vllm"] = "huggingface"
+    """What chat, the API and predict generate with: transformers, or vLLM (needs an NVIDIA GPU and `pip install
+    vllm`; prompts are still encoded by the training template)."""
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    """vLLM's settings, when infer_backend is vllm."""
 
 
 @dataclass

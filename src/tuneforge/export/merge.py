@@ -60,8 +60,8 @@ def export(cfg: RunConfig) -> ExportReport:
         raise ConfigError("cannot merge adapters into a quantized base: remove model.quantization_bit and export "
                           "from the unquantized base model (the adapter trained with QLoRA merges into it)")
     folder = prepare_folder(Path(cfg.export.dir), cfg.export.overwrite)
-    engine = load_engine(replace(cfg.model, dtype="fp32"), cfg.data.template, cfg.data.default_system,
-                         cfg.data.enable_thinking)
+    engine = load_engine(replace(cfg.model, dtype="fp32", infer_backend="huggingface"), cfg.data.template,
+                         cfg.data.default_system, cfg.data.enable_thinking)
     jinja = training_chat_template(engine.template)
     if jinja is not None:  # the exported tokenizer renders as training did (turns, default system prompt)
         engine.tokenizer.chat_template = jinja
@@ -164,8 +164,8 @@ def verify(cfg: RunConfig, folder: Path, dtype: str, gguf_kinds: list[str], tole
     """Reload base + adapter (unmerged) and every artifact fresh; compare next-token logits and greedy text."""
     from transformers import AutoModelForCausalLM
 
-    reference = load_engine(replace(cfg.model, dtype="fp32"), cfg.data.template, cfg.data.default_system,
-                            cfg.data.enable_thinking)
+    reference = load_engine(replace(cfg.model, dtype="fp32", infer_backend="huggingface"), cfg.data.template,
+                            cfg.data.default_system, cfg.data.enable_thinking)
     prompts = [reference.prompt_ids([Message("user", p)], None) for p in PROMPTS]
     expected = [_logits_and_greedy(reference.model, ids, reference.stop_ids()) for ids in prompts]
     trust = cfg.model.trust_remote_code  # an exported custom architecture keeps its code (auto_map)
