@@ -257,14 +257,17 @@ def records_at(run: Path) -> list[dict]:
 
 
 def test_two_process_ddp_dpo_matches_one_process(tmp_path, tiny_model_dir):
-    from tests.train.test_loop import adapter_weights, assert_same, train_one_and_two_processes
+    from tests.launch import two_ranks
+    from tests.train.test_loop import adapter_weights, assert_same
+    from tuneforge.cli.main import main
 
     common = dict(max_steps=2, save_steps=0, gradient_accumulation_steps=1, group_by_length=False)
     single = dpo_config(tmp_path, tiny_model_dir, "single", **{**common, "batch_size": 4})
     double = dpo_config(tmp_path, tiny_model_dir, "ddp", **{**common, "batch_size": 2})
     for path in (single, double):  # BCO's running mean is per process; compare plain DPO here
         path.write_text(path.read_text().replace("bco_weight: 0.5", "bco_weight: 0.0"))
-    train_one_and_two_processes(single, double)
+    assert main(["train", str(single)]) == 0
+    assert "x 2 process(es)" in two_ranks("train", str(double)).stderr
     # Adam's first steps divide by |g|: gradients equal to ~1e-7 still differ by a few 1e-5 in the weights
     assert_same(adapter_weights(tmp_path / "ddp"), adapter_weights(tmp_path / "single"), 1e-4)
     one, two = records_at(tmp_path / "single"), records_at(tmp_path / "ddp")
