@@ -86,6 +86,25 @@ def test_stop_words_and_streaming_pieces_match(batched):
     assert usage(result) == usage(cut)
 
 
+def test_a_stop_word_counts_the_same_tokens_when_updates_bring_several(batched, monkeypatch):
+    """Under load the batcher's updates can carry several new tokens; the answer still ends at the token that
+    completes the stop word (the locked path's count), not at the last token of the update."""
+    question = [Message("user", QUESTIONS[0])]
+    whole = batched.complete(question, GEN).text
+    stop = [whole[4:6]]
+    cut = batched.complete(question, GEN, stop=stop)
+    tokens = batched.batcher.tokens
+
+    async def coalesced(*args, **kwargs):  # only every third update reaches the reader (and the last one)
+        async for generated, finished in tokens(*args, **kwargs):
+            if finished or len(generated) % 3 == 0:
+                yield generated, finished
+
+    monkeypatch.setattr(batched.batcher, "tokens", coalesced)
+    result = asyncio.run(batched.acomplete(question, GEN, stop=stop))
+    assert usage(result) == usage(cut) and cut.completion_tokens % 3 != 0  # the stop falls inside an update
+
+
 def test_other_weights_and_sampling_run_exclusively_beside_the_batch(batched):
     question = [Message("user", QUESTIONS[2])]
     sampled = replace(GEN, temperature=1.0, seed=3)

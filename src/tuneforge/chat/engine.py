@@ -269,16 +269,21 @@ class ChatEngine:
             return
         cutter = StopCutter(list(self.template.stop_words) + list(stop or []))
         generated: list[int] = []
-        shown, finished = 0, False
+        shown, counted, finished = 0, 0, False  # counted: tokens whose text went through the cutter
         updates = self.batcher.tokens(ids, gen.max_new_tokens, **self.sampling(gen), deadline=deadline)
         async with aclosing(updates):
             async for generated, finished in updates:
-                text = self.tokenizer.decode(generated, skip_special_tokens=False)
-                if text.endswith("\ufffd") and not finished:  # an incomplete character: wait for the next token
-                    continue
-                piece, shown = text[shown:], len(text)
-                if out := cutter.feed(piece):
-                    yield out
+                # token by token (an update may bring several), so that a stop word ends the answer at the token
+                # that completes it, as generate's stop_strings do on the locked path
+                for end in range(counted + 1, len(generated) + 1):
+                    text = self.tokenizer.decode(generated[:end], skip_special_tokens=False)
+                    if text.endswith("\ufffd") and not (finished and end == len(generated)):
+                        continue  # an incomplete character: wait for the next token
+                    piece, shown, counted = text[shown:], len(text), end
+                    if out := cutter.feed(piece):
+                        yield out
+                    if cutter.stopped:
+                        break
                 if cutter.stopped:
                     break
         if not cutter.stopped and (tail := cutter.flush()):
@@ -287,7 +292,7 @@ class ChatEngine:
             hit_eos = bool(generated) and generated[-1] in self.stop_ids()
             ended = cutter.stopped or (finished and (hit_eos or len(generated) < gen.max_new_tokens))
             result.prompt_tokens = len(ids)
-            result.completion_tokens = len(generated)
+            result.completion_tokens = counted if cutter.stopped else len(generated)
             result.finish_reason = "stop" if ended else "length"  # unfinished: cut by the time limit
 
     async def acomplete(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
