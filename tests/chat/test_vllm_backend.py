@@ -28,6 +28,7 @@ class StandInEngine:
     """vllm.AsyncLLMEngine's surface: from_engine_args, async generate (cumulative outputs), abort, shutdown."""
 
     made: list = []
+    delay = 0.01  # seconds per token
 
     def __init__(self, args):
         self.args, self.requests, self.aborted = args, [], []
@@ -37,15 +38,19 @@ class StandInEngine:
     def from_engine_args(cls, args):
         return cls(args)
 
-    async def generate(self, prompt, params, request_id, lora_request=None):
+    async def generate(self, prompt, params, request_id, *, lora_request=None):
         self.requests.append((prompt["prompt_token_ids"], params, request_id, lora_request))
-        for n in range(1, len(WORDS) + 1):
-            await asyncio.sleep(0)
-            done = n == len(WORDS) or n == params.max_tokens
-            reason = ("stop" if n == len(WORDS) else "length") if done else None
-            yield RequestOutput([Output("".join(WORDS[:n]), list(range(n)), reason)], done)
-            if done:
-                return
+        try:
+            for n in range(1, len(WORDS) + 1):
+                await asyncio.sleep(self.delay)
+                done = n == len(WORDS) or n == params.max_tokens
+                reason = ("stop" if n == len(WORDS) else "length") if done else None
+                yield RequestOutput([Output("".join(WORDS[:n]), list(range(n)), reason)], done)
+                if done:
+                    return
+        except (asyncio.CancelledError, GeneratorExit):  # as vLLM's AsyncLLM.generate: a caller gone aborts
+            await self.abort(request_id)
+            raise
 
     async def abort(self, request_id):
         self.aborted.append(request_id)
@@ -60,6 +65,7 @@ class Recorded:
 @pytest.fixture
 def stand_in(monkeypatch):
     vllm = types.ModuleType("vllm")
+    vllm.__version__ = "0.11.0"
     vllm.AsyncLLMEngine, vllm.AsyncEngineArgs, vllm.SamplingParams = StandInEngine, Recorded, Recorded
     request = types.ModuleType("vllm.lora.request")
     request.LoRARequest = namedtuple("LoRARequest", "lora_name lora_int_id lora_path")
@@ -95,14 +101,15 @@ def test_llamafactory_vllm_keys_map():
 
 
 def test_engine_sends_the_training_prompt_ids_settings_and_adapter(stand_in, tiny_model_dir, tiny_run):
-    settings = VllmConfig(max_len=512, gpu_util=0.5, max_lora_rank=2, engine_args={"max_num_seqs": 8})
+    settings = VllmConfig(max_len=512, gpu_util=0.5, max_lora_rank=1, engine_args={"max_num_seqs": 8})
     engine = load_engine(ModelConfig(path=str(tiny_model_dir), adapter_path=[str(tiny_run)], infer_backend="vllm",
                                      vllm=settings), "chatml")
     (llm,) = stand_in
     assert llm.args.kwargs == {"model": str(tiny_model_dir), "tokenizer": str(tiny_model_dir),
                                "trust_remote_code": False, "dtype": "auto", "max_model_len": 512,
                                "gpu_memory_utilization": 0.5, "enforce_eager": False, "disable_log_stats": True,
-                               "enable_lora": True, "max_lora_rank": 4,  # the adapter's r=4 > 2
+                               "enable_log_requests": False, "enable_lora": True, "max_loras": 1,
+                               "max_lora_rank": 8,  # the smallest rank vLLM takes
                                "max_num_seqs": 8}
     question = [Message("user", "Who are you?")]
     done = engine.complete(question, GenerationConfig(max_new_tokens=16))
@@ -143,6 +150,27 @@ def test_a_reader_that_leaves_aborts_the_request(stand_in, tiny_model_dir):
     batch = engine.generate_batch([[Message("user", "a")], [Message("user", "b")]], GenerationConfig())
     assert [c.text for c in batch] == ["I am Orbweaver."] * 2 and len(llm.requests) == 3
     engine.shutdown()
+
+
+def test_lora_ranks_and_request_logging_follow_vllms_rules():
+    # vLLM takes max_lora_rank from a fixed list (vllm/config/lora.py); request logging changed its switch in 0.10.1
+    assert [vllm_engine.lora_rank_slot(n) for n in (1, 8, 9, 24, 320, 321)] == [8, 8, 16, 32, 320, 512]
+    with pytest.raises(ConfigError, match="up to rank 512"):
+        vllm_engine.lora_rank_slot(513)
+    assert vllm_engine.request_logging("0.9.2") == {"disable_log_requests": True}
+    assert vllm_engine.request_logging("0.10.0") == {"disable_log_requests": True}
+    assert vllm_engine.request_logging("0.11.0") == {"enable_log_requests": False}
+
+
+def test_shutdown_ends_a_waiting_reader(stand_in, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(StandInEngine, "delay", 0.5)
+    engine = load_engine(ModelConfig(path=str(tiny_model_dir), infer_backend="vllm"), "chatml")
+    (llm,) = stand_in
+    pieces = engine.stream([Message("user", "hi")], GenerationConfig(max_new_tokens=16))
+    assert next(pieces) == "I"
+    engine.shutdown()  # the request is cancelled on the engine's loop; the reader gets its end, not a hang
+    assert list(pieces) == [] and len(llm.aborted) == 1
+    assert not engine.thread.join(5) and not engine.thread.is_alive()
 
 
 def test_what_vllm_cannot_do_is_refused(stand_in, tiny_model_dir, tiny_run, tmp_path, capsys):

@@ -56,6 +56,7 @@ class VllmEngine(ChatEngine):
     thread: Any = None
     positions: int = 0
     make_params: Callable[..., Any] | None = None  # vllm.SamplingParams
+    running: set = field(default_factory=set)  # futures of the requests in flight
 
     # ---------------------------------------------------------------- what the transformers engine does otherwise
 
@@ -74,9 +75,20 @@ class VllmEngine(ChatEngine):
     def shutdown(self) -> None:
         """Abort running requests (their callers get what was generated) and stop the engine."""
         self.closing.set()
-        if self.llm is not None and hasattr(self.llm, "shutdown"):
-            self.llm.shutdown()
-        if self.loop is not None:
+        if self.loop is None or not self.loop.is_running():
+            return
+
+        async def stop() -> None:  # on the engine's loop: end every request, then the engine
+            pumps = [asyncio.wrap_future(f) for f in list(self.running)]
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            if hasattr(self.llm, "shutdown"):
+                self.llm.shutdown()
+
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=30)
+        finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
 
     def score(self, sequences: list[list[int]], adapter: bool | str = True, batch_size: int = 8) -> list[float]:
@@ -113,25 +125,31 @@ class VllmEngine(ChatEngine):
 
     def _pump(self, ids: list[int], params: Any, lora: Any, request_id: str, put: Callable[[Any], None],
               deadline: float | None) -> Any:
-        """A coroutine (for the engine's loop) that passes each RequestOutput to `put`, then END (or the
-        exception); it aborts the request at `deadline` or when the engine shuts down."""
+        """Start, on the engine's loop, a task that passes each RequestOutput to `put`, then END (or the
+        exception). It aborts the request at `deadline` or when the engine shuts down; cancelling the returned
+        future (a caller gone) cancels vLLM's generate, which aborts the request itself."""
 
         async def pump() -> None:
+            outputs = self.llm.generate({"prompt_token_ids": ids}, params, request_id, lora_request=lora)
             try:
-                async for out in self.llm.generate({"prompt_token_ids": ids}, params, request_id,
-                                                   lora_request=lora):
+                async for out in outputs:
                     put(out)
                     if self.closing.is_set() or (deadline is not None and time.monotonic() > deadline):
                         await self.llm.abort(request_id)
                         break
                 put(END)
+            except asyncio.CancelledError:
+                put(END)
+                raise
             except BaseException as err:  # handed to the caller
                 put(err)
+            finally:
+                await outputs.aclose()
 
-        return pump()
-
-    def _abort(self, request_id: str) -> None:
-        asyncio.run_coroutine_threadsafe(self.llm.abort(request_id), self.loop)
+        future = asyncio.run_coroutine_threadsafe(pump(), self.loop)
+        self.running.add(future)
+        future.add_done_callback(self.running.discard)
+        return future
 
     def stream(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
                tools: str | None = None, stop: list[str] | None = None,
@@ -139,8 +157,8 @@ class VllmEngine(ChatEngine):
                deadline: float | None = None) -> Iterator[str]:
         ids = self.prompt_ids(messages, gen.system, tools)
         params, lora = self.sampling_params(gen, stop), self.lora_request(adapter)
-        request_id, outputs = uuid.uuid4().hex, queue.Queue()
-        asyncio.run_coroutine_threadsafe(self._pump(ids, params, lora, request_id, outputs.put, deadline), self.loop)
+        outputs: queue.Queue = queue.Queue()
+        pump = self._pump(ids, params, lora, uuid.uuid4().hex, outputs.put, deadline)
         last, shown = None, 0
         try:
             while (item := outputs.get()) is not END:
@@ -152,11 +170,9 @@ class VllmEngine(ChatEngine):
                     yield text[shown:]
                     shown = len(text)
                 if cancel is not None and cancel.is_set():
-                    self._abort(request_id)
                     break
-        finally:
-            if last is None or not last.finished:
-                self._abort(request_id)
+        finally:  # finished, cancelled, or the reader left: the request ends in vLLM too
+            pump.cancel()
         fill(result, ids, last)
 
     async def astream(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
@@ -166,12 +182,11 @@ class VllmEngine(ChatEngine):
         params, lora = self.sampling_params(gen, stop), self.lora_request(adapter)
         deadline = None if time_limit is None else time.monotonic() + time_limit
         caller, outputs = asyncio.get_running_loop(), asyncio.Queue()
-        request_id = uuid.uuid4().hex
 
         def put(item: Any) -> None:
             caller.call_soon_threadsafe(outputs.put_nowait, item)
 
-        asyncio.run_coroutine_threadsafe(self._pump(ids, params, lora, request_id, put, deadline), self.loop)
+        pump = self._pump(ids, params, lora, uuid.uuid4().hex, put, deadline)
         last, shown = None, 0
         try:
             while (item := await outputs.get()) is not END:
@@ -183,8 +198,7 @@ class VllmEngine(ChatEngine):
                     yield text[shown:]
                     shown = len(text)
         finally:  # finished, or the reader left (a client gone): the request ends in vLLM too
-            if last is None or not last.finished:
-                self._abort(request_id)
+            pump.cancel()
         fill(result, ids, last)
 
     def generate_batch(self, conversations: list[list[Message]], gen: GenerationConfig,
@@ -212,6 +226,26 @@ def fill(result: Completion | None, ids: list[int], last: Any) -> None:
     result.finish_reason = "stop" if reason == "stop" else "length"
 
 
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts (vllm/config/lora.py)
+
+
+def lora_rank_slot(needed: int) -> int:
+    """The smallest rank vLLM reserves for that fits `needed` (one message when none does)."""
+    fits = [r for r in LORA_RANKS if r >= needed]
+    if not fits:
+        raise ConfigError(f"model.vllm.max_lora_rank: vLLM serves adapters up to rank {LORA_RANKS[-1]}; this one "
+                          f"needs {needed}")
+    return fits[0]
+
+
+def request_logging(version: str) -> dict[str, bool]:
+    """vLLM's switch for logging every request, off: disable_log_requests up to 0.10.0, enable_log_requests after."""
+    from packaging.version import Version
+
+    return {"disable_log_requests": True} if Version(version) <= Version("0.10.0") else \
+        {"enable_log_requests": False}
+
+
 def adapter_rank(folder: Path) -> int:
     """The rank r in an adapter's adapter_config.json (0 when it names none)."""
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
@@ -237,8 +271,10 @@ def load_vllm_engine(model_cfg: ModelConfig, base_folder: Path, tokenizer: Any, 
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(model_cfg.dtype, "auto")
     args = {"model": str(base_folder), "tokenizer": str(base_folder), "trust_remote_code": model_cfg.trust_remote_code,
             "dtype": dtype, "max_model_len": settings.max_len, "gpu_memory_utilization": settings.gpu_util,
-            "enforce_eager": settings.enforce_eager, "disable_log_stats": True, "enable_lora": bool(loaded),
-            **({"max_lora_rank": max([settings.max_lora_rank, *ranks])} if loaded else {}),
+            "enforce_eager": settings.enforce_eager, "disable_log_stats": True,
+            **request_logging(getattr(vllm, "__version__", "0.11.0")), "enable_lora": bool(loaded),
+            **({"max_lora_rank": lora_rank_slot(max([settings.max_lora_rank, *ranks])),
+                "max_loras": len(loaded)} if loaded else {}),
             **settings.engine_args}
     llm = vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(**args))
     loras = {name: LoRARequest(name, index + 1, str(folder)) for index, (name, folder) in enumerate(loaded)}

@@ -18,7 +18,8 @@ class VllmConfig:
     enforce_eager: bool = False
     """Run without CUDA graphs (vllm_enforce_eager)."""
     max_lora_rank: int = 32
-    """Largest adapter rank vLLM reserves for; raised to the loaded adapters' rank when smaller (vllm_max_lora_rank)."""
+    """Largest adapter rank vLLM reserves for (vllm_max_lora_rank); raised to fit the loaded adapters and rounded
+    up to a rank vLLM takes (8, 16, 32, 64, 128, 256, 320, 512)."""
     engine_args: dict[str, Any] = field(default_factory=dict)
     """More vLLM engine arguments, passed as given (vllm_config)."""
 
