@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 from dataclasses import replace
 
 import pytest
@@ -96,9 +97,10 @@ def test_a_stop_word_counts_the_same_tokens_when_updates_bring_several(batched, 
     tokens = batched.batcher.tokens
 
     async def coalesced(*args, **kwargs):  # only every third update reaches the reader (and the last one)
-        async for generated, finished in tokens(*args, **kwargs):
-            if finished or len(generated) % 3 == 0:
-                yield generated, finished
+        async with aclosing(tokens(*args, **kwargs)) as updates:
+            async for generated, finished in updates:
+                if finished or len(generated) % 3 == 0:
+                    yield generated, finished
 
     monkeypatch.setattr(batched.batcher, "tokens", coalesced)
     result = asyncio.run(batched.acomplete(question, GEN, stop=stop))

@@ -181,3 +181,25 @@ def test_what_vllm_cannot_do_is_refused(stand_in, tiny_model_dir, tiny_run, tmp_
                  "data.template=chatml", "eval.modes=[loss]", f"eval.dir={tmp_path / 'eval'}"]) == 2
     err = capsys.readouterr().err
     assert "eval.modes: loss" in err and "infer_backend: huggingface" in err and "Traceback" not in err
+
+
+def test_what_vllm_cannot_serve_is_refused_at_load(tiny_model_dir, tiny_run, tmp_path, tokenizer):
+    import json
+    import shutil
+
+    # evaluation after training that needs logits: refused when the config loads, not after training
+    with pytest.raises(ConfigError, match="eval.modes: loss after training"):
+        load(None, ["model.infer_backend=vllm", "eval.after_training=true"])
+    load(None, ["model.infer_backend=vllm", "eval.after_training=true", "eval.modes=[predict]"])
+    # a reward model's adapter (a value head to score with), and one that trained the embeddings
+    reward = shutil.copytree(tiny_run / "adapter", tmp_path / "rm")
+    info = json.loads((reward / "tuneforge_run.json").read_text())
+    (reward / "tuneforge_run.json").write_text(json.dumps({**info, "stage": "rm"}))
+    with pytest.raises(ConfigError, match="is a reward model"):
+        vllm_engine.check_servable("rm", reward, tokenizer)
+    grown = shutil.copytree(tiny_run / "adapter", tmp_path / "grown")
+    config = json.loads((grown / "adapter_config.json").read_text())
+    (grown / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["embed_tokens"]}))
+    with pytest.raises(ConfigError, match="added tokens or trained the embeddings"):
+        vllm_engine.check_servable("grown", grown, tokenizer)
+    vllm_engine.check_servable("plain", tiny_run / "adapter", tokenizer)  # an ordinary adapter passes

@@ -277,8 +277,8 @@ class ChatEngine:
                 # that completes it, as generate's stop_strings do on the locked path
                 for end in range(counted + 1, len(generated) + 1):
                     text = self.tokenizer.decode(generated[:end], skip_special_tokens=False)
-                    if text.endswith("\ufffd") and not (finished and end == len(generated)):
-                        continue  # an incomplete character: wait for the next token
+                    if text.endswith("\ufffd") and not (finished and end == len(generated)) and end - counted < 4:
+                        continue  # an incomplete character: wait for the next token (a UTF-8 one has <= 4 bytes)
                     piece, shown, counted = text[shown:], len(text), end
                     if out := cutter.feed(piece):
                         yield out

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneforge.chat.engine import BASE, ChatEngine, Completion
+from tuneforge.chat.engine import BASE, ChatEngine, Completion, run_info
 from tuneforge.config.schema import GenerationConfig, ModelConfig
 from tuneforge.data.types import Message
 from tuneforge.errors import ConfigError, ModelError
@@ -246,6 +246,23 @@ def request_logging(version: str) -> dict[str, bool]:
         {"enable_log_requests": False}
 
 
+def check_servable(name: str, folder: Path, tokenizer: Any) -> None:
+    """What vLLM cannot serve from an adapter folder, in one message: a reward model (a value head to score
+    with), or a run that added tokens (its own tokenizer and embedding rows)."""
+    from transformers import AutoTokenizer
+
+    if run_info(folder).get("stage") == "rm":
+        raise ConfigError(f"model.infer_backend: vllm: adapter '{name}' ({folder}) is a reward model (stage rm), "
+                          "which scores with its value head; serve it with infer_backend: huggingface")
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    grown = (folder / "tokenizer_config.json").is_file() and \
+        len(AutoTokenizer.from_pretrained(folder)) > len(tokenizer)
+    if grown or set(config.get("modules_to_save") or []) & {"embed_tokens", "lm_head"}:
+        raise ConfigError(f"model.infer_backend: vllm: adapter '{name}' ({folder}) added tokens or trained the "
+                          "embeddings, which a vLLM LoRA request cannot carry; merge it with `tuneforge export` "
+                          "and serve the export, or use infer_backend: huggingface")
+
+
 def adapter_rank(folder: Path) -> int:
     """The rank r in an adapter's adapter_config.json (0 when it names none)."""
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
@@ -266,6 +283,8 @@ def load_vllm_engine(model_cfg: ModelConfig, base_folder: Path, tokenizer: Any, 
                           "export with the last adapter")
     loaded = ([(stacked[0].parent.name if stacked[0].name == "adapter" else stacked[0].name, stacked[0])]
               if stacked else []) + list(separate.items())
+    for name, folder in loaded:
+        check_servable(name, folder, tokenizer)
     ranks = [adapter_rank(folder) for _, folder in loaded]
     settings = model_cfg.vllm
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(model_cfg.dtype, "auto")

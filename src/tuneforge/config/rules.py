@@ -89,6 +89,7 @@ def validate(cfg: RunConfig, source: str) -> None:
         check_ppo(cfg.ppo, cfg.reward_model, cfg.stage, cfg.finetune)
         check_sft(cfg.sft, cfg.stage)
         check_reference(cfg.reference, cfg.stage, cfg.dpo, cfg.finetune, cfg.sft, cfg.grpo)
+        check_infer_backend(cfg)
         if cfg.train.fsdp.enabled:
             import torch
 
@@ -97,6 +98,20 @@ def validate(cfg: RunConfig, source: str) -> None:
             check_fsdp(cfg, torch.cuda.is_available() and cfg.train.device != "cpu")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+
+
+def check_infer_backend(cfg: RunConfig) -> None:
+    """vLLM generates only: evaluation after training that scores with logits (loss, choice), or a reward model
+    (stage rm), needs infer_backend huggingface; said at load, not after the training they would follow."""
+    if cfg.model.infer_backend != "vllm":
+        return
+    scored = [m for m in cfg.eval.modes if m != "predict"]
+    if cfg.eval.after_training and scored:
+        raise ConfigError(f"eval.modes: {', '.join(scored)} after training score with the model's own logits, which "
+                          "vLLM does not give; keep predict only, or use model.infer_backend: huggingface")
+    if cfg.stage == "rm":
+        raise ConfigError("model.infer_backend: vllm serves generation; a reward model (stage rm) scores with its "
+                          "value head: use model.infer_backend: huggingface")
 
 
 def check_quantization(model: ModelConfig, finetune: FinetuneConfig) -> None:

@@ -60,6 +60,7 @@ def export(cfg: RunConfig) -> ExportReport:
         raise ConfigError("cannot merge adapters into a quantized base: remove model.quantization_bit and export "
                           "from the unquantized base model (the adapter trained with QLoRA merges into it)")
     folder = prepare_folder(Path(cfg.export.dir), cfg.export.overwrite)
+    kept = {p.name for p in folder.iterdir()}  # the user's own files, not reported as written
     engine = load_engine(replace(cfg.model, dtype="fp32", infer_backend="huggingface"), cfg.data.template,
                          cfg.data.default_system, cfg.data.enable_thinking)
     jinja = training_chat_template(engine.template)
@@ -68,7 +69,7 @@ def export(cfg: RunConfig) -> ExportReport:
     merged = engine.model.merge_and_unload() if engine.has_adapter else engine.model
     dtype = resolve_export_dtype(cfg.export.dtype, merged)
     save_merged(merged, engine, folder, dtype, cfg)
-    report = ExportReport(folder, files=sorted(p.name for p in folder.iterdir()))
+    report = ExportReport(folder, files=sorted(p.name for p in folder.iterdir() if p.name not in kept))
     for kind in cfg.export.gguf:
         from tuneforge.export.gguf import write_gguf
 
@@ -85,18 +86,21 @@ def export(cfg: RunConfig) -> ExportReport:
     return report
 
 
-# Files of an earlier export that a new one may not replace (fewer shards, no GGUF): removed on overwrite so that
-# no stale weights stay beside the new ones. Everything else in the folder is the user's and is kept.
-STALE_WEIGHTS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "model-*.gguf")
+# Files of an earlier export that a new one may not replace (fewer shards, no GGUF, no Modelfile, a tokenizer
+# without a chat template): removed on overwrite so that nothing stale stays beside the new files. Everything else
+# in the folder is the user's and is kept.
+STALE_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "model-*.gguf",
+                 "Modelfile", "chat_template.jinja")
 
 
 def prepare_folder(folder: Path, overwrite: bool) -> Path:
     """An empty export folder; an existing non-empty one needs export.overwrite, which removes an earlier export's
-    weight files (the other files are overwritten by name, and files the export does not write are kept)."""
+    weights, Modelfile and chat template (its other files are overwritten by name; files the export does not write
+    are kept)."""
     if folder.is_dir() and any(folder.iterdir()):
         if not overwrite:
             raise ConfigError(f"export.dir {folder} is not empty; set export.overwrite=true or choose another folder")
-        for pattern in STALE_WEIGHTS:
+        for pattern in STALE_FILES:
             for stale in folder.glob(pattern):
                 stale.unlink()
     folder.mkdir(parents=True, exist_ok=True)
