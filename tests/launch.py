@@ -19,12 +19,13 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.util  # its exit hook (joining children) is registered before ours, so ours runs first
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tuneforge.train.distributed import free_port
 
 PRELOAD = ["torch", "transformers", "peft", "datasets", "accelerate", "deepspeed", "tuneforge.run",
            "tuneforge.cli.main", "tuneforge.cli.train_cmd", "tests.launch"]
@@ -38,12 +39,6 @@ def context() -> multiprocessing.context.BaseContext:
         _CONTEXT = multiprocessing.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(PRELOAD)
     return _CONTEXT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str, threads: int) -> None:

@@ -151,24 +151,25 @@ class VllmEngine(ChatEngine):
         future.add_done_callback(self.running.discard)
         return future
 
+    def _request(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str, tools: str | None,
+                 stop: list[str] | None, put: Callable[[Any], None], deadline: float | None) -> tuple[list[int], Any]:
+        """The prompt's ids (the training template's) and the started request's future."""
+        ids = self.prompt_ids(messages, gen.system, tools)
+        params, lora = self.sampling_params(gen, stop), self.lora_request(adapter)
+        return ids, self._pump(ids, params, lora, uuid.uuid4().hex, put, deadline)
+
     def stream(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
                tools: str | None = None, stop: list[str] | None = None,
                result: Completion | None = None, cancel: threading.Event | None = None,
                deadline: float | None = None) -> Iterator[str]:
-        ids = self.prompt_ids(messages, gen.system, tools)
-        params, lora = self.sampling_params(gen, stop), self.lora_request(adapter)
         outputs: queue.Queue = queue.Queue()
-        pump = self._pump(ids, params, lora, uuid.uuid4().hex, outputs.put, deadline)
+        ids, pump = self._request(messages, gen, adapter, tools, stop, outputs.put, deadline)
         last, shown = None, 0
         try:
             while (item := outputs.get()) is not END:
-                if isinstance(item, BaseException):
-                    raise item
-                last = item
-                text = item.outputs[0].text
-                if len(text) > shown:
-                    yield text[shown:]
-                    shown = len(text)
+                piece, shown, last = new_text(item, shown)
+                if piece:
+                    yield piece
                 if cancel is not None and cancel.is_set():
                     break
         finally:  # finished, cancelled, or the reader left: the request ends in vLLM too
@@ -178,25 +179,19 @@ class VllmEngine(ChatEngine):
     async def astream(self, messages: list[Message], gen: GenerationConfig, adapter: bool | str = True,
                       tools: str | None = None, stop: list[str] | None = None,
                       result: Completion | None = None, time_limit: float | None = None) -> AsyncIterator[str]:
-        ids = self.prompt_ids(messages, gen.system, tools)
-        params, lora = self.sampling_params(gen, stop), self.lora_request(adapter)
         deadline = None if time_limit is None else time.monotonic() + time_limit
         caller, outputs = asyncio.get_running_loop(), asyncio.Queue()
 
         def put(item: Any) -> None:
             caller.call_soon_threadsafe(outputs.put_nowait, item)
 
-        pump = self._pump(ids, params, lora, uuid.uuid4().hex, put, deadline)
+        ids, pump = self._request(messages, gen, adapter, tools, stop, put, deadline)
         last, shown = None, 0
         try:
             while (item := await outputs.get()) is not END:
-                if isinstance(item, BaseException):
-                    raise item
-                last = item
-                text = item.outputs[0].text
-                if len(text) > shown:
-                    yield text[shown:]
-                    shown = len(text)
+                piece, shown, last = new_text(item, shown)
+                if piece:
+                    yield piece
         finally:  # finished, or the reader left (a client gone): the request ends in vLLM too
             pump.cancel()
         fill(result, ids, last)
@@ -214,6 +209,15 @@ class VllmEngine(ChatEngine):
             return list(await asyncio.gather(*(one(m) for m in conversations)))
 
         return asyncio.run(every())
+
+
+def new_text(item: Any, shown: int) -> tuple[str, int, Any]:
+    """What a RequestOutput (cumulative text) adds after `shown` characters, the new count, and the output; an
+    exception from the pump is raised here, in the reader."""
+    if isinstance(item, BaseException):
+        raise item
+    text = item.outputs[0].text
+    return text[shown:], max(shown, len(text)), item
 
 
 def fill(result: Completion | None, ids: list[int], last: Any) -> None:

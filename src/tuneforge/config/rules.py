@@ -100,15 +100,20 @@ def validate(cfg: RunConfig, source: str) -> None:
         raise ConfigError(f"{source}: {err}") from None
 
 
+def check_vllm_modes(modes: list[str], when: str = "") -> None:
+    """vLLM gives no logits: eval modes that score with them (all but predict) need infer_backend huggingface."""
+    if scored := [m for m in modes if m != "predict"]:
+        raise ConfigError(f"eval.modes: {', '.join(scored)}{when} score with the model's own logits, which vLLM does "
+                          "not give; keep predict only, or use model.infer_backend: huggingface")
+
+
 def check_infer_backend(cfg: RunConfig) -> None:
     """vLLM generates only: evaluation after training that scores with logits (loss, choice), or a reward model
     (stage rm), needs infer_backend huggingface; said at load, not after the training they would follow."""
     if cfg.model.infer_backend != "vllm":
         return
-    scored = [m for m in cfg.eval.modes if m != "predict"]
-    if cfg.eval.after_training and scored:
-        raise ConfigError(f"eval.modes: {', '.join(scored)} after training score with the model's own logits, which "
-                          "vLLM does not give; keep predict only, or use model.infer_backend: huggingface")
+    if cfg.eval.after_training:
+        check_vllm_modes(cfg.eval.modes, " after training")
     if cfg.stage == "rm":
         raise ConfigError("model.infer_backend: vllm serves generation; a reward model (stage rm) scores with its "
                           "value head: use model.infer_backend: huggingface")

@@ -18,13 +18,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tuneforge.chat.engine import ChatEngine, load_engine
-from tuneforge.config.rules import PREFERENCE_STAGES
+from tuneforge.config.rules import PREFERENCE_STAGES, check_vllm_modes
 from tuneforge.config.schema import DataConfig, RunConfig
 from tuneforge.data.build import build_datasets
 from tuneforge.data.pipeline import load_examples, mix, split_validation
 from tuneforge.data.tokenized import has_tokenized
 from tuneforge.data.types import Conversation, KTOExample, PreferencePair
-from tuneforge.errors import ConfigError, DataError
+from tuneforge.errors import DataError
 from tuneforge.evaluate import choice as mc
 from tuneforge.evaluate import lf_outputs, pairs
 from tuneforge.evaluate.metrics import repeats_itself, score
@@ -50,10 +50,8 @@ def evaluate(cfg: RunConfig, compare_base: bool = False, trained: bool = False) 
     """Run every configured mode for the tuned model (and the base); write results.json and report.md, and
     LLaMA-Factory's result files into eval.lf_dir when set. trained: the weights were trained just now."""
     began = time.perf_counter()
-    scored = [m for m in cfg.eval.modes if m != "predict"]
-    if cfg.model.infer_backend == "vllm" and scored:
-        raise ConfigError(f"eval.modes: {', '.join(scored)} score with the model's own logits, which vLLM does not "
-                          "give; run them with infer_backend: huggingface (vllm serves predict only)")
+    if cfg.model.infer_backend == "vllm":
+        check_vllm_modes(cfg.eval.modes)
     engine = load_engine(cfg.model, cfg.data.template, cfg.data.default_system, cfg.data.enable_thinking)
     seconds = {"model_preparation": time.perf_counter() - began}
     cfg, inferred = pairs.resolve_stage(cfg, engine)
