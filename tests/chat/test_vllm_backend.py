@@ -191,6 +191,12 @@ def test_what_vllm_cannot_serve_is_refused_at_load(tiny_model_dir, tiny_run, tmp
     with pytest.raises(ConfigError, match="eval.modes: loss after training"):
         load(None, ["model.infer_backend=vllm", "eval.after_training=true"])
     load(None, ["model.infer_backend=vllm", "eval.after_training=true", "eval.modes=[predict]"])
+    with pytest.raises(ConfigError, match="a reward model \\(stage rm\\) scores with its value head"):
+        load(None, ["model.infer_backend=vllm", "stage=rm", "data.dataset=dpo_en_demo"])
+    with pytest.raises(ConfigError, match="vllm_config: not valid JSON"):
+        load(None, ["infer_backend=vllm", "vllm_config={max_num_seqs: 8"])
+    with pytest.raises(ConfigError, match="model.vllm.gpu_util must be in"):
+        load(None, ["model.infer_backend=vllm", "model.vllm.gpu_util=1.5"])
     # a reward model's adapter (a value head to score with), and one that trained the embeddings
     reward = shutil.copytree(tiny_run / "adapter", tmp_path / "rm")
     info = json.loads((reward / "tuneforge_run.json").read_text())
