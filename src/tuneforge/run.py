@@ -19,6 +19,7 @@ from tuneforge.config import RunConfig, dump
 from tuneforge.config.schema import OutputConfig, TrainConfig
 from tuneforge.config.typed import to_dict
 from tuneforge.data.build import EncodedData, build_datasets, cache_folder, packing_enabled
+from tuneforge.devices import retain_freed_memory
 from tuneforge.errors import ConfigError
 from tuneforge.finetune import apply_method
 from tuneforge.finetune.methods import ADAPTER_METHODS, save_adapter
@@ -65,6 +66,7 @@ def train(cfg: RunConfig, plan_only: bool = False) -> Path:
     """Train a model as configured; returns the run folder (or prints the plan and returns it)."""
     if not cfg.train.enabled:  # LLaMA-Factory's do_eval / do_predict without do_train
         return evaluate_only(cfg, plan_only)
+    retain_freed_memory()  # each step frees and reallocates the same activations: reuse, do not page-fault
     job = prepare(cfg, plan_only)
     main = job.context.accelerator.is_main_process
     if plan_only:
