@@ -25,6 +25,7 @@ from tuneforge.finetune import apply_method
 from tuneforge.finetune.methods import ADAPTER_METHODS, save_adapter
 from tuneforge.finetune.neftune import add_neftune
 from tuneforge.io import plain_modes, write_text_atomic
+from tuneforge.models.attention import use_cpu_attention
 from tuneforge.models.load import fit_vocab, load_model, load_tokenizer, train_embeddings
 from tuneforge.models.segments import use_segments
 from tuneforge.models.valuehead import WithValueHead, save_value_head
@@ -317,6 +318,8 @@ def load_for_training(cfg: RunConfig, precision: str, tokenizer: Any = None) -> 
     model.config.use_cache = False
     if cfg.data.neat_packing:  # one causal attention call per packed row instead of a block-diagonal mask
         use_segments(model)
+    elif not uses_cuda(cfg.train) and not cfg.train.compile:  # probabilities kept for a cheaper CPU backward
+        use_cpu_attention(model)
     finetune = train_embeddings(cfg.finetune, fit_vocab(model, tokenizer, cfg.model)) if tokenizer is not None \
         else cfg.finetune
     model = apply_method(model, finetune, cfg.model.adapter_path, quantized=bool(cfg.model.quantization_bit),

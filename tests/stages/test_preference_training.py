@@ -271,8 +271,8 @@ def test_two_process_ddp_dpo_matches_one_process(tmp_path, tiny_model_dir):
     # Adam's first steps divide by |g|: gradients equal to ~1e-7 still differ by a few 1e-5 in the weights
     assert_same(adapter_weights(tmp_path / "ddp"), adapter_weights(tmp_path / "single"), 1e-4)
     one, two = records_at(tmp_path / "single"), records_at(tmp_path / "ddp")
-    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
-        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-5), key
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):  # sums of ~400: fp32 roundoff
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-7, abs=1e-5), key
 
 
 @pytest.mark.parametrize("stage", ["dpo", "kto", "rm"])

@@ -118,6 +118,7 @@ def test_plan_prints_steps_memory_and_time_without_training(tmp_path, tiny_model
     expected = (base * weight_bytes + lora * 4  # frozen weights in the compute dtype, adapters upcast to fp32
                 + lora * 4 * 3  # fp32 gradients and AdamW's two moments of the trained weights
                 + tokens * 2 * (10 * 64 + 4 * 128) * activation_bytes  # activations kept for backward
+                + 2 * tokens * 4 * 16 * activation_bytes  # attention probabilities (4 heads x 16 keys) a layer
                 + tokens * vocab * 4 * 2  # logits and their gradient of the loss chunk
                 + 600 * 2**20)  # the Python process with torch imported
     assert plan.peak_memory_gb == pytest.approx(expected / 2**30, rel=1e-12)

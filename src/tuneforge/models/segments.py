@@ -1,5 +1,6 @@
 """Attention for neat-packed rows: one causal attention call per packed segment instead of one call over the whole
-block with a materialised block-diagonal [b, 1, t, t] mask (which also keeps SDPA off its causal fast path).
+block with a materialised block-diagonal [b, 1, t, t] mask (which also keeps SDPA off its causal fast path). Each
+call is `attention.causal_attention` (probabilities kept for backward on a CPU, else SDPA's causal kernel).
 
 Registered in transformers' AttentionInterface as `tuneforge_segments`; with no mask function registered for it,
 the model hands the attention the raw inputs (no 4D mask), and the position ids, which restart at 0 for every
@@ -11,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from tuneforge.models.attention import causal_attention, plain_causal, sdpa_mask
 
 NAME = "tuneforge_segments"
 
@@ -24,8 +26,9 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
     position_ids = kwargs.get("position_ids")
     q_len, kv_len = query.shape[2], key.shape[2]
-    if attention_mask is not None or position_ids is None or q_len != kv_len or kwargs.get("softcap") is not None:
-        return sdpa_attention_forward(module, query, key, value, _mask(attention_mask, query, key),
+    if attention_mask is not None or position_ids is None or q_len != kv_len \
+            or not plain_causal(module, q_len, kwargs):
+        return sdpa_attention_forward(module, query, key, value, sdpa_mask(attention_mask, query, key),
                                       dropout=dropout, scaling=scaling, **kwargs)
     position_ids = position_ids.expand(query.shape[0], -1)
     dropout = dropout if module.training else 0.0
@@ -34,26 +37,10 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         starts = (position_ids[row] == 0).nonzero().flatten().tolist()
         starts = starts if starts and starts[0] == 0 else [0, *starts]
         ends = [*starts[1:], q_len]
-        parts = [F.scaled_dot_product_attention(query[row:row + 1, :, s:e], key[row:row + 1, :, s:e],
-                                                value[row:row + 1, :, s:e], is_causal=True, dropout_p=dropout,
-                                                scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-                 for s, e in zip(starts, ends)]
+        parts = [causal_attention(query[row:row + 1, :, s:e], key[row:row + 1, :, s:e],
+                                  value[row:row + 1, :, s:e], scaling, dropout) for s, e in zip(starts, ends)]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
-
-
-def _mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
-    """The [b, 1, q, kv] causal (+ padding) mask SDPA takes, the queries being the last q keys; None when plain
-    causal attention over equal lengths says it all."""
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if attention_mask is not None and attention_mask.ndim == 4:
-        return attention_mask
-    if attention_mask is None and q_len == kv_len:
-        return None
-    kv = torch.arange(kv_len, device=query.device)
-    q = torch.arange(q_len, device=query.device) + (kv_len - q_len)
-    mask = (kv[None, :] <= q[:, None])[None, None].expand(query.shape[0], 1, q_len, kv_len)
-    return mask if attention_mask is None else mask & attention_mask[:, None, None, -kv_len:].bool()
 
 
 def register() -> str:

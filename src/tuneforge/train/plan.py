@@ -70,7 +70,8 @@ def make_plan(rows: list[dict], report: EncodeReport, batches: BatchPlan, model:
         steps_per_epoch=batches.steps_per_epoch, total_steps=batches.total_steps,
         epochs=batches.total_steps / batches.steps_per_epoch, trainable_params=trainable, total_params=total,
         peak_memory_gb=(estimate_memory(model, forward_tokens(stage, batches.batch_size, max(lengths)), precision,
-                                        generation, zero_stage, batches.world_size, fsdp)
+                                        generation, zero_stage, batches.world_size, fsdp,
+                                        kept_attention(model, max(lengths)))
                         + ref_bytes + reward_bytes) / 2**30,
         zero_stage=zero_stage, fsdp=fsdp,
         precision=precision, stage=stage.describe(), reference_gb=ref_bytes / 2**30,
@@ -114,8 +115,19 @@ def fsdp_gathered_bytes(model: nn.Module) -> int:
     return root + 2 * largest
 
 
+def kept_attention(model: nn.Module, longest: int) -> int:
+    """The length whose attention probabilities a CPU run keeps for backward (models/attention.py), 0 for none."""
+    from tuneforge.models import attention
+    from tuneforge.stages.base import unwrap_causal_lm
+
+    config = getattr(unwrap_causal_lm(model), "config", None)
+    kept = getattr(config, "_attn_implementation", None) in (attention.NAME, "tuneforge_segments")
+    return longest if kept and longest <= attention.MAX_TOKENS else 0
+
+
 def estimate_memory(model: nn.Module, tokens: int, precision: str, generation: int = 0,
-                    zero_stage: int | None = None, world: int = 1, fsdp: bool = False) -> float:
+                    zero_stage: int | None = None, world: int = 1, fsdp: bool = False,
+                    attention_length: int = 0) -> float:
     """Bytes per process: weights + fp32 grads and AdamW moments of trained weights + the larger of the training
     pass (activations + loss chunk) and an online stage's rollout generation (`generation` bytes).
 
@@ -125,8 +137,12 @@ def estimate_memory(model: nn.Module, tokens: int, precision: str, generation: i
     plus what is gathered whole at once (fsdp_gathered_bytes).
 
     Activations of a decoder layer are counted as (10 * hidden + 4 * intermediate) values per token (inputs of the
-    projections, norms, attention and MLP outputs kept for backward), at 2 bytes under bf16/fp16 and 4 in fp32.
+    projections, norms, attention and MLP outputs kept for backward), at 2 bytes under bf16/fp16 and 4 in fp32;
+    plus, when a CPU run keeps attention probabilities for rows of `attention_length` tokens, heads x that length
+    values per token and layer (at most attention.MAX_PROBS a layer).
     """
+    from tuneforge.models.attention import MAX_PROBS
+
     config = getattr(model, "config", None)
     weights = sum(full_numel(p) * p.element_size() for p in model.parameters())
     trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
@@ -147,6 +163,8 @@ def estimate_memory(model: nn.Module, tokens: int, precision: str, generation: i
     layers = getattr(config, "num_hidden_layers", 0)
     vocab = getattr(config, "vocab_size", 0)
     activations = tokens * layers * (10 * hidden + 4 * inter) * act_bytes
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    activations += layers * min(tokens * heads * attention_length, MAX_PROBS) * act_bytes
     loss_chunk = min(tokens, CHUNK_TOKENS) * vocab * 4 * 2
     runtime = 600 * 2**20  # the Python process with torch and transformers imported
     return float(weights + optimizer_and_grads + max(activations + loss_chunk, generation) + runtime)
