@@ -80,3 +80,22 @@ def test_lf_keys_map_to_packing_modes():
     plain = load(None, ["packing=true"])
     assert not plain.data.neat_packing and packing_enabled(plain.data, "sft")
     assert not packing_enabled(load(None, []).data, "sft") and packing_enabled(load(None, []).data, "text")
+
+
+@pytest.mark.parametrize("neat", [False, True])
+def test_the_training_forward_keeps_each_packing_mode(model, neat):
+    """Through the training path's own forward (stages.base.decoder_hidden, which drops masks it can): a plain
+    packed row still sees the rows before it, a neat-packed one only itself. (Dropping the all-ones mask of a plain
+    packed block let transformers read the restarting position ids as neat packing.)"""
+    from tuneforge.stages.base import decoder_hidden
+
+    model.config._attn_implementation = "sdpa"
+    packed = pack_rows(sft_rows(), cutoff=32, seed=0, neat=neat)
+    with torch.no_grad():
+        hidden = decoder_hidden(model, SFTStage(0).collate(packed))[0]
+        (s0, e0), *later = segments(packed[0])
+        for index, (start, end) in enumerate([(s0, e0), *later]):
+            ids = packed[0]["input_ids"][start:end]
+            own = decoder_hidden(model, {"input_ids": torch.tensor([ids])})[0]
+            same = torch.allclose(hidden[start:end], own, atol=1e-5)
+            assert same if (neat or index == 0) else not same, (neat, index)

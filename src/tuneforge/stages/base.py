@@ -168,8 +168,10 @@ def model_mask(batch: Batch) -> Tensor | None:
     attention kernel then runs causal with grouped KV heads, without a materialised [b, 1, t, t] mask or copies
     of the KV heads."""
     mask = batch.get("attention_mask")
-    if mask is None:
-        return None
+    if mask is None or "position_ids" in batch:
+        # packed rows that attend to each other: without a mask, transformers would take the position ids that
+        # restart at every row for neat packing and build a block-diagonal mask
+        return mask
     right_padded = torch.arange(mask.shape[1], device=mask.device)[None, :] < mask.sum(-1, keepdim=True)
     return None if torch.equal(mask.bool(), right_padded) else mask
 
