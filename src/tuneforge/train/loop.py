@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tuneforge.config.rules import eval_interval
 from tuneforge.config.schema import LoraConfig, TrainConfig
 from tuneforge.errors import ConfigError
+from tuneforge.finetune.fused import fuse_shared_inputs, unfuse
 from tuneforge.finetune.methods import adapter_inputs_as_autocast
 from tuneforge.stages.base import Stage
 from tuneforge.train.batches import BatchPlan, epoch_of, split_by_tokens, step_batches
@@ -218,6 +219,10 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
     if sharded is None:
         module, optimizer = acc.prepare(module, optimizer)
     engine = deepspeed_engine(acc, module)
+    if acc.num_processes == 1 and acc.device.type == "cpu" and not train.compile:
+        # q/k/v and gate/up LoRA layers: one frozen matmul per shared input. One process only: DDP, ZeRO and FSDP
+        # runs then compute alike (FSDP's sharded weights cannot be grouped), bf16 rounding included.
+        fuse_shared_inputs(model)
     stage.run_dir = run.run_dir  # where the stage writes its own files (grpo: completions.jsonl)
     resume = resolve_resume(train.resume_from_checkpoint, run.run_dir)
     changed = check_depends(resume, run.depends, run.resume_anyway) if resume else []
@@ -323,6 +328,7 @@ def fit(model: nn.Module, stage: Stage, train_rows: list[dict], val_rows: list[d
         weights_step = best.step
         progress.write(f"loaded the best weights: step {best.step} ({best.metric} {best.step_value:.4g})")
     reason = "interrupted" if interrupted else "early_stopping" if stop_early else "completed"
+    unfuse(model)
     return FitResult(state, interrupted, last_loss, reason, weights_step)
 
 
