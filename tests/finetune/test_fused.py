@@ -146,3 +146,36 @@ def test_a_training_run_groups_the_layers_and_restores_them(make_cfg, monkeypatc
     for name, param in plain.named_parameters():
         if "lora_" in name:
             torch.testing.assert_close(trained[name], param, atol=1e-5, rtol=1e-4)
+
+
+class Block(torch.nn.Module):
+    """q/k/v projections of one input (biases as given) and gate/up of another, as a decoder block calls them."""
+
+    def __init__(self, biases: tuple[bool, bool, bool]):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(8, n, bias=b) for n, b in zip((8, 4, 4), biases))
+        self.gate_proj, self.up_proj = torch.nn.Linear(8, 6, bias=False), torch.nn.Linear(8, 6, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return torch.cat([q, k * v, self.gate_proj(x) * self.up_proj(x)], dim=-1)
+
+
+@pytest.mark.parametrize("biases,groups", [((True, True, True), 2), ((True, False, True), 1)])
+def test_biases_are_grouped_only_when_every_layer_has_one(biases, groups):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(Block(biases), LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                          "gate_proj", "up_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name or "bias" in name:
+            param.data.normal_(0, 0.5)
+    x = torch.randn(3, 8)
+    plain = model(x)
+    assert fused.fuse_shared_inputs(model) == groups  # a q/k/v group with a layer lacking its bias stays apart
+    torch.testing.assert_close(model(x), plain, atol=1e-6, rtol=1e-5)
+    fused.unfuse(model)
+    assert [m.bias is not None for m in (model.base_model.model.q_proj.base_layer,
+                                         model.base_model.model.k_proj.base_layer)] == list(biases[:2])
+    torch.testing.assert_close(model(x), plain, atol=1e-6, rtol=1e-5)

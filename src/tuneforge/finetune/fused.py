@@ -36,14 +36,13 @@ class SharedInput:
         for base, start, end in zip(bases, offsets, offsets[1:]):  # each layer's weight: a view into the group's
             base.weight = nn.Parameter(weight[start:end], requires_grad=False)
         self.weight = weight
-        self.pointers = [base.weight.data_ptr() for base in bases]
-        has_bias = [base.bias is not None for base in bases]
-        self.bias = torch.cat([b.bias.detach() if b.bias is not None else
-                               torch.zeros(b.out_features, dtype=weight.dtype, device=weight.device)
-                               for b in bases]) if any(has_bias) else None
-        if self.bias is not None:
+        self.bias = None
+        if bases[0].bias is not None:  # (grouped only when every layer has a bias or none has)
+            self.bias = torch.cat([base.bias.detach() for base in bases])
             for base, start, end in zip(bases, offsets, offsets[1:]):
                 base.bias = nn.Parameter(self.bias[start:end], requires_grad=False)
+        self.pointers = [(base.weight.data_ptr(), base.bias.data_ptr() if base.bias is not None else 0)
+                         for base in bases]
         self.source: Tensor | None = None
         self.version = -1
         self.pending: dict[int, Tensor] = {}
@@ -67,9 +66,10 @@ class SharedInput:
             dropout = layer.lora_dropout[active[0]]
             if layer.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
                 return None
-        for layer, pointer in zip(self.layers, self.pointers):  # the weights still live in the shared tensor
-            weight = layer.base_layer.weight
-            if weight.requires_grad or weight.data_ptr() != pointer:
+        for layer, pointers in zip(self.layers, self.pointers):  # the weights still live in the shared tensors
+            base = layer.base_layer
+            if base.weight.requires_grad or (base.weight.data_ptr(),
+                                             base.bias.data_ptr() if base.bias is not None else 0) != pointers:
                 return None
         return names[0] if names else None
 
@@ -120,7 +120,9 @@ def fuse_shared_inputs(model: nn.Module) -> int:
             bases = [layer.base_layer for layer in layers]
             weights = [base.weight for base in bases]
             if any(w.requires_grad or w.dtype != weights[0].dtype or w.device != weights[0].device
-                   or w.shape[1] != weights[0].shape[1] or hasattr(w, "ds_id") for w in weights):
+                   or w.shape[1] != weights[0].shape[1] or hasattr(w, "ds_id") for w in weights) \
+                    or len({base.bias is None for base in bases}) != 1 \
+                    or any(base.bias is not None and base.bias.requires_grad for base in bases):
                 continue
             group = SharedInput(layers)
             for index, layer in enumerate(layers):
