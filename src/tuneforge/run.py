@@ -318,7 +318,8 @@ def load_for_training(cfg: RunConfig, precision: str, tokenizer: Any = None) -> 
     model.config.use_cache = False
     if cfg.data.neat_packing:  # one causal attention call per packed row instead of a block-diagonal mask
         use_segments(model)
-    elif not uses_cuda(cfg.train) and not cfg.train.compile:  # probabilities kept for a cheaper CPU backward
+    elif cfg.model.attn_implementation == "auto" and not uses_cuda(cfg.train) and not cfg.train.compile:
+        # probabilities kept for a cheaper CPU backward (model.attn_implementation: sdpa keeps SDPA's kernel)
         use_cpu_attention(model)
     finetune = train_embeddings(cfg.finetune, fit_vocab(model, tokenizer, cfg.model)) if tokenizer is not None \
         else cfg.finetune

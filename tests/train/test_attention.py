@@ -148,5 +148,7 @@ def test_a_cpu_run_uses_it_and_the_step_matches_sdpa(make_cfg):
             answers.append(job.model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=6,
                                               do_sample=False, pad_token_id=job.tokenizer.pad_token_id).tolist())
     assert answers[0] == answers[1]
+    asked = prepare(make_cfg("finetune.method=lora", "model.attn_implementation=sdpa"))
+    assert unwrap_causal_lm(asked.model).config._attn_implementation == "sdpa"  # asked for by name: kept
     neat = prepare(make_cfg("finetune.method=lora", "data.neat_packing=true", "data.cutoff_len=256"))
     assert unwrap_causal_lm(neat.model).config._attn_implementation == "tuneforge_segments"

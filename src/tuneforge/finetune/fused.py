@@ -15,6 +15,7 @@ lives in the shared tensor) runs the layer's own forward.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -84,7 +85,8 @@ class SharedInput:
             out = out + F.linear(F.linear(inputs, a), b).to(out.dtype)
         return list(out.split(self.sizes, dim=-1))
 
-    def forward(self, index: int, layer: nn.Module, original: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, index: int, original: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Layer `index`'s forward: its waiting output, the whole group's computed now, or its own forward."""
         if x is self.source and x._version == self.version and index in self.pending:
             out = self.pending.pop(index)
             if not self.pending:
@@ -126,8 +128,7 @@ def fuse_shared_inputs(model: nn.Module) -> int:
                 continue
             group = SharedInput(layers)
             for index, layer in enumerate(layers):
-                original = layer.forward
-                layer.forward = _bound(group, index, layer, original)
+                layer.forward = functools.partial(group.forward, index, layer.forward)
                 layer._shared_input = group
             made += 1
     return made
@@ -143,14 +144,7 @@ def unfuse(model: nn.Module) -> None:
         module.__dict__.pop("forward", None)
         base = module.base_layer
         base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
-        if base.bias is not None and group.bias is not None:
+        if base.bias is not None:
             base.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
         group.pending.clear()
         group.source = None
-
-
-def _bound(group: SharedInput, index: int, layer: nn.Module, original: Any) -> Any:
-    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return group.forward(index, layer, original, x, *args, **kwargs)
-
-    return forward

@@ -148,23 +148,27 @@ def sdpa_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: tor
     return mask if attention_mask is None else mask & attention_mask[:, None, None, -kv_len:].bool()
 
 
-def register() -> str:
-    """Make the implementation known to transformers (idempotent); its name. Masks are built as for SDPA: none when
-    the pass is plain causal (then the probabilities path can run), a 4D mask otherwise (padding, a KV cache in
-    generation), which goes to SDPA with it."""
+def switch_attention(model: torch.nn.Module, name: str, forward: Any, mask_function: Any = None) -> bool:
+    """Register `forward` as attention implementation `name` in transformers' interface (with `mask_function` for
+    its masks; without one the model hands it the raw 2D mask) and switch a model whose attention is SDPA to it;
+    whether it was switched."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(NAME, causal_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    return NAME
-
-
-def use_cpu_attention(model: torch.nn.Module) -> bool:
-    """Switch a model whose attention is SDPA to `tuneforge_causal` (for runs on the CPU); whether it was switched."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
-    register()
-    model.set_attn_implementation(NAME)
+    AttentionInterface.register(name, forward)
+    if mask_function is not None:
+        AttentionMaskInterface.register(name, mask_function)
+    model.set_attn_implementation(name)
     return True
+
+
+def use_cpu_attention(model: torch.nn.Module) -> bool:
+    """Switch a model whose attention is SDPA to `tuneforge_causal` (for runs on the CPU); whether it was switched.
+    Masks are built as for SDPA: none when the pass is plain causal (then the probabilities path can run), a 4D
+    mask otherwise (padding, a KV cache in generation), which goes to SDPA with it."""
+    from transformers.masking_utils import sdpa_mask as transformers_sdpa_mask
+
+    return switch_attention(model, NAME, causal_forward, transformers_sdpa_mask)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tuneforge.models.attention import causal_attention, plain_causal, sdpa_mask
+from tuneforge.models.attention import causal_attention, plain_causal, sdpa_mask, switch_attention
 
 NAME = "tuneforge_segments"
 
@@ -43,19 +43,6 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
-def register() -> str:
-    """Make the implementation known to transformers (idempotent); its name."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(NAME, segment_attention)
-    return NAME
-
-
 def use_segments(model: torch.nn.Module) -> bool:
     """Switch a model whose attention is SDPA to per-segment attention; whether it was switched."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
-        return False
-    register()
-    model.set_attn_implementation(NAME)
-    return True
+    return switch_attention(model, NAME, segment_attention)

@@ -117,11 +117,11 @@ def fsdp_gathered_bytes(model: nn.Module) -> int:
 
 def kept_attention(model: nn.Module, longest: int) -> int:
     """The length whose attention probabilities a CPU run keeps for backward (models/attention.py), 0 for none."""
-    from tuneforge.models import attention
+    from tuneforge.models import attention, segments
     from tuneforge.stages.base import unwrap_causal_lm
 
     config = getattr(unwrap_causal_lm(model), "config", None)
-    kept = getattr(config, "_attn_implementation", None) in (attention.NAME, "tuneforge_segments")
+    kept = getattr(config, "_attn_implementation", None) in (attention.NAME, segments.NAME)
     return longest if kept and longest <= attention.MAX_TOKENS else 0
 
 
