@@ -16,7 +16,7 @@ from tuneforge import __version__
 from tuneforge.config.schema import DataConfig
 from tuneforge.data.catalog import get_spec, load_catalog
 from tuneforge.data.encode import EncodeOptions
-from tuneforge.data.pipeline import encode_to_arrow, load_examples, mix, split_validation
+from tuneforge.data.pipeline import Sources, encode_to_arrow, mix, split_validation
 from tuneforge.data.tokenized import has_tokenized, load_tokenized, report_dict, save_tokenized
 from tuneforge.data.types import EncodeReport
 from tuneforge.errors import DataError
@@ -70,24 +70,27 @@ def build_datasets(data: DataConfig, kind: str, template: Template, seed: int) -
 
 
 def _encode(data: DataConfig, kind: str, template: Template, seed: int, folder: Path, key: str) -> EncodedData:
-    groups = [load_examples(data, name, kind, seed).examples for name in data.dataset]
-    examples = mix(groups, data.mix_strategy, data.interleave_probs, seed)
-    train, val = split_validation(examples, data.val_size, seed)
-    if data.eval_dataset:
-        val = [e for name in data.eval_dataset for e in load_examples(data, name, kind, seed).examples]
+    """Rows are kept on disk (tuneforge.data.store) in the build folder while references to them are mixed, split
+    and encoded; only the encoded rows and the report stay."""
     opts = encode_options(data)
     packing = packing_enabled(data, kind)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    (tmp / "sources").mkdir(parents=True)
     try:
-        report = encode_to_arrow(train, template, opts, kind, tmp / TRAIN, data.num_proc, packing)
+        sources = Sources(data, kind)
+        groups = [sources.add(name, tmp / "sources", seed) for name in data.dataset]
+        train, val = split_validation(mix(groups, data.mix_strategy, data.interleave_probs, seed), data.val_size, seed)
+        if data.eval_dataset:
+            val = [ref for name in data.eval_dataset for ref in sources.add(name, tmp / "sources", seed)]
+        report = encode_to_arrow(train, template, opts, kind, tmp / TRAIN, data.num_proc, packing, sources)
         if not (tmp / TRAIN).is_file():
             raise DataError("every training row was dropped or has no trained tokens; "
                             "run `tuneforge data check` to see why")
         if val:
-            encode_to_arrow(val, template, opts, kind, tmp / VAL, data.num_proc, packing)
+            encode_to_arrow(val, template, opts, kind, tmp / VAL, data.num_proc, packing, sources)
         (tmp / "report.json").write_text(json.dumps(dataclasses.asdict(report)), encoding="utf-8")
+        shutil.rmtree(tmp / "sources")
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)  # atomic: a half-written cache is never found under the real key
     finally:

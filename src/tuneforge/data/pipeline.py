@@ -22,7 +22,7 @@ from tuneforge.data.encode import (
     pack_blocks,
 )
 from tuneforge.data.formats import to_example, to_prompt
-from tuneforge.data.readers import RawRow, read_rows
+from tuneforge.data.readers import RawRow, iter_rows, read_rows
 from tuneforge.data.types import (
     Conversation,
     EncodeReport,
@@ -58,40 +58,99 @@ class LoadedDataset:
 
 def load_examples(data: DataConfig, name: str, kind: str, seed: int, strict: bool = True) -> LoadedDataset:
     """Read and convert one dataset for a data kind; strict mode raises on the first bad row, otherwise collects
-    problems. For kto, preference pairs are unpaired: a desirable row (chosen) and an undesirable one (rejected)."""
+    problems. For kto, preference pairs are unpaired: a desirable row (chosen) and an undesirable one (rejected).
+    (Training reads its rows through `store_rows` instead, which keeps them on disk.)"""
     spec = get_spec(load_catalog(data.dataset_dir, data.inline), name, data.dataset_dir)
     rows = read_rows(spec)
     raw_count = len(rows)
     if not rows:
-        message = f"{spec.location}: dataset '{name}' has no rows; add rows or remove it from data.dataset"
         if strict:
-            raise DataError(message)
+            raise DataError(_no_rows(spec, name))
         return LoadedDataset(name, spec, [], [RowProblem(spec.location, "the dataset has no rows")], 0)
-    if spec.num_samples is not None:
-        rows = _sample(rows, spec.num_samples, seed)
-    if data.max_samples is not None:
-        rows = rows[: data.max_samples]
+    rows = [rows[i] for i in sample_positions(len(rows), spec, data, seed)]
     loaded = LoadedDataset(name, spec, [], raw_count=raw_count)
     for row in rows:
-        if name in IDENTITY_SETS:
-            row = RawRow(substitute_identity(row.data, data.identity.name, data.identity.author), row.file, row.row)
         try:
-            if kind == "prompt":
-                loaded.examples.append(to_prompt(row, spec))
-                continue
-            example = to_example(row, spec, want_text=kind == "text")
-            if kind == "kto" and isinstance(example, PreferencePair):
-                loaded.examples += unpair(example)
-                continue
-            _check_kind(example, kind, spec)
+            loaded.examples += convert_row(row, spec, kind, data)
         except DataError as err:
             if strict:
                 raise DataError(f"{err} (run `tuneforge data check` to list every bad row)") from None
             message = str(err).removeprefix(f"{row.origin}: ")
             loaded.problems.append(RowProblem(row.origin, message))
-            continue
-        loaded.examples.append(example)
     return loaded
+
+
+def convert_row(row: RawRow, spec: DatasetSpec, kind: str, data: DataConfig) -> list[Example]:
+    """One raw row as the examples a data kind trains on (two for a preference pair read for kto, else one);
+    raises DataError naming the row."""
+    if spec.name in IDENTITY_SETS:
+        row = RawRow(substitute_identity(row.data, data.identity.name, data.identity.author), row.file, row.row)
+    if kind == "prompt":
+        return [to_prompt(row, spec)]
+    example = to_example(row, spec, want_text=kind == "text")
+    if kind == "kto" and isinstance(example, PreferencePair):
+        return list(unpair(example))
+    _check_kind(example, kind, spec)
+    return [example]
+
+
+def sample_positions(count: int, spec: DatasetSpec, data: DataConfig, seed: int) -> list[int]:
+    """Which rows of a dataset of `count` rows are used, in order: the dataset's num_samples (drawn with the seed;
+    repeated rows when it exceeds the count), then data.max_samples."""
+    positions = list(range(count))
+    if spec.num_samples is not None:
+        positions = _sample(positions, spec.num_samples, seed)
+    if data.max_samples is not None:
+        positions = positions[: data.max_samples]
+    return positions
+
+
+def _no_rows(spec: DatasetSpec, name: str) -> str:
+    return f"{spec.location}: dataset '{name}' has no rows; add rows or remove it from data.dataset"
+
+
+# ----------------------------------------------------------------------------------- rows kept on disk (training)
+# A row reference is (source, position, part): the dataset's index in Sources, the row's position in its store, and
+# which of the row's examples (a preference pair read for kto gives two). Mixing and splitting move references.
+Ref = tuple[int, int, int]
+
+
+@dataclass
+class Sources:
+    """The datasets a training set is built from, each kept on disk (RowStore) with its spec; examples are made
+    from references chunk by chunk, in whichever process encodes the chunk."""
+
+    data: DataConfig
+    kind: str
+    stores: list[Any] = field(default_factory=list)  # tuneforge.data.store.RowStore
+    specs: list[DatasetSpec] = field(default_factory=list)
+
+    def add(self, name: str, folder: Path, seed: int) -> list[Ref]:
+        """Store dataset `name`'s rows under `folder`; the references of the rows used, in order."""
+        from tuneforge.data.store import RowStore
+
+        spec = get_spec(load_catalog(self.data.dataset_dir, self.data.inline), name, self.data.dataset_dir)
+        index = len(self.stores)
+        store = RowStore.write(iter_rows(spec), folder / f"source-{index}.arrow")
+        if not store.count:
+            raise DataError(_no_rows(spec, name))
+        self.stores.append(store)
+        self.specs.append(spec)
+        parts = 2 if self.kind == "kto" and spec.ranking else 1
+        return [(index, position, part) for position in sample_positions(store.count, spec, self.data, seed)
+                for part in range(parts)]
+
+    def examples(self, refs: list[Ref]) -> list[Example]:
+        """The examples these references stand for, in order; a bad row raises DataError naming it."""
+        rows: dict[tuple[int, int], list[Example]] = {}
+        for source in sorted({s for s, _, _ in refs}):
+            positions = sorted({p for s, p, _ in refs if s == source})
+            for position, row in zip(positions, self.stores[source].take(positions)):
+                try:
+                    rows[source, position] = convert_row(row, self.specs[source], self.kind, self.data)
+                except DataError as err:
+                    raise DataError(f"{err} (run `tuneforge data check` to list every bad row)") from None
+        return [rows[s, p][part] for s, p, part in refs]
 
 
 def unpair(pair: PreferencePair) -> list[KTOExample]:
@@ -122,7 +181,7 @@ def _check_kind(example: Example, kind: str, spec: DatasetSpec) -> None:
                         f"'{spec.name}' gives {type(example).__name__}; in dataset_info.json {hint}")
 
 
-def _sample(rows: list[RawRow], n: int, seed: int) -> list[RawRow]:
+def _sample(rows: list[int], n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     if n <= len(rows):
         return rng.sample(rows, n)
@@ -169,28 +228,30 @@ def encode_examples(examples: list[Example], template: Template, opts: EncodeOpt
     with _chunk_mapper(template, opts, kind, packing, num_proc, len(examples)) as mapper:
         rows = [row for part in mapper(_encode_rows, _chunks(examples)) for row in part]
     if kind == "text" and packing:
-        rows = [{"input_ids": b, "labels": list(b), "status": "ok", "origin": f"packed block {i + 1}"}
-                for i, b in enumerate(pack_blocks([r["input_ids"] for r in rows], opts.cutoff_len))]
+        rows = [block for blocks in _packed(iter([rows]), opts.cutoff_len) for block in blocks]
     return _keep_trainable(rows)
 
 
-def encode_to_arrow(examples: list[Example], template: Template, opts: EncodeOptions, kind: str, path: Path,
-                    num_proc: int | None = None, packing: bool = False) -> EncodeReport:
+def encode_to_arrow(items: list[Example] | list[Ref], template: Template, opts: EncodeOptions, kind: str, path: Path,
+                    num_proc: int | None = None, packing: bool = False, sources: Sources | None = None) -> EncodeReport:
     """Encode into an Arrow stream file at `path` (what datasets.Dataset.from_file reads), chunk by chunk as the
     chunks finish, so the encoded rows are never all held as Python objects; no file when no row is kept.
-    Workers (num_proc > 1) get the template once and send back each chunk's kept rows as an Arrow table."""
+    `items` are examples, or references into `sources` (each chunk's rows are then read and converted where the
+    chunk is encoded). Workers (num_proc > 1) get the template and sources once and send back each chunk's kept
+    rows as an Arrow table. Packed pre-training text is cut into blocks as the chunks arrive."""
     import pyarrow as pa
 
     report = EncodeReport()
     writer = None
-    packed = kind == "text" and packing  # blocks cross row boundaries: all rows are packed, then written
-    with _chunk_mapper(template, opts, kind, packing, None if packed else num_proc, len(examples)) as mapper, \
+    packed = kind == "text" and packing  # blocks cross row boundaries: the parent cuts them
+    with _chunk_mapper(template, opts, kind, packing, num_proc, len(items), sources) as mapper, \
             pa.OSFile(str(path), "wb") as sink:
         if packed:
-            rows, whole = encode_examples(examples, template, opts, kind, num_proc, packing)
-            parts: Any = [(_arrow_table(rows) if rows else None, whole)]
+            blocks = _packed(mapper(_encode_rows, _chunks(items)), opts.cutoff_len)
+            parts: Any = ((_arrow_table(kept) if kept else None, part)
+                          for kept, part in map(_keep_trainable, blocks))
         else:
-            parts = mapper(_encode_kept, _chunks(examples))
+            parts = mapper(_encode_kept, _chunks(items))
         for table, part in parts:
             _add_report(report, part)
             if table is not None:
@@ -203,19 +264,47 @@ def encode_to_arrow(examples: list[Example], template: Template, opts: EncodeOpt
     return report
 
 
-def _chunks(examples: list[Example]) -> list[list[Example]]:
-    return [examples[i:i + CHUNK] for i in range(0, len(examples), CHUNK)]
+def _packed(chunks: Iterator[list[dict[str, Any]]], block: int) -> Iterator[list[dict[str, Any]]]:
+    """Pre-training rows' ids concatenated and cut into rows of `block` tokens (the last may be shorter), a list of
+    blocks per chunk of rows (see encode.pack_blocks)."""
+    carry: list[int] = []
+    number = 0
+
+    def blocks(ids: list[list[int]]) -> list[dict[str, Any]]:
+        nonlocal number
+        out = []
+        for ids_ in ids:
+            number += 1
+            out.append({"input_ids": ids_, "labels": list(ids_), "status": "ok", "origin": f"packed block {number}"})
+        return out
+
+    for rows in chunks:
+        cut = pack_blocks([carry] + [r["input_ids"] for r in rows], block)
+        carry = cut.pop() if cut and len(cut[-1]) < block else []
+        yield blocks(cut)
+    if carry:
+        yield blocks([carry])
+
+
+def _chunks(items: list[Any]) -> list[list[Any]]:
+    return [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
 
 
 @contextmanager
 def _chunk_mapper(template: Template, opts: EncodeOptions, kind: str, packing: bool, num_proc: int | None,
-                  count: int) -> Iterator[Callable[..., Iterator[Any]]]:
-    """A `map` over chunks, in order: in worker processes (each given the template and options once) when
-    num_proc > 1 and there is more than one chunk, else in this process."""
-    context = (template, opts, kind, packing)
+                  count: int, sources: Sources | None = None) -> Iterator[Callable[..., Iterator[Any]]]:
+    """A `map` over chunks, in order: in worker processes (each given the template, options and sources once) when
+    num_proc > 1 and there is more than one chunk, else in this process. Chunks not yet started are cancelled when
+    the caller stops early (a bad row)."""
+    context = (template, opts, kind, packing, sources)
     if num_proc and num_proc > 1 and count > CHUNK:
-        with ProcessPoolExecutor(max_workers=num_proc, initializer=_set_context, initargs=context) as pool:
+        pool = ProcessPoolExecutor(max_workers=num_proc, initializer=_set_context, initargs=context)
+        try:
             yield pool.map
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         return
     saved = dict(_CONTEXT)
     _set_context(*context)
@@ -226,14 +315,16 @@ def _chunk_mapper(template: Template, opts: EncodeOptions, kind: str, packing: b
         _CONTEXT.update(saved)
 
 
-_CONTEXT: dict[str, Any] = {}  # the template and options the chunk functions use (set once per worker process)
+_CONTEXT: dict[str, Any] = {}  # the template, options and sources the chunk functions use (set once per process)
 
 
-def _set_context(template: Template, opts: EncodeOptions, kind: str, packing: bool) -> None:
-    _CONTEXT.update(template=template, opts=opts, kind=kind, packing=packing)
+def _set_context(template: Template, opts: EncodeOptions, kind: str, packing: bool, sources: Sources | None) -> None:
+    _CONTEXT.update(template=template, opts=opts, kind=kind, packing=packing, sources=sources)
 
 
-def _encode_rows(examples: list[Example]) -> list[dict[str, Any]]:
+def _encode_rows(items: list[Any]) -> list[dict[str, Any]]:
+    sources = _CONTEXT["sources"]
+    examples = sources.examples(items) if sources is not None else items
     return _encode_chunk((examples, _CONTEXT["template"], _CONTEXT["opts"], _CONTEXT["kind"], _CONTEXT["packing"]))
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,14 @@ class RawRow:
 
 def read_rows(spec: DatasetSpec) -> list[RawRow]:
     """All rows of a dataset, in file order."""
+    return list(iter_rows(spec))
+
+
+def iter_rows(spec: DatasetSpec) -> Iterator[RawRow]:
+    """The rows of a dataset one at a time, in file order: a file is read row by row (a JSON list is parsed one row
+    object at a time from its text; parquet and arrow files batch by batch), so rows are never all held at once."""
     if spec.source == "file":
-        return list(_read_location(Path(spec.location), spec.name))
+        return _read_location(Path(spec.location), spec.name)
     if spec.source == "hf_hub":
         return _read_hf(spec)
     return _read_ms(spec)
@@ -58,7 +65,7 @@ def read_file(path: Path) -> Iterator[RawRow]:
     if suffix == ".json":
         yield from _read_json(path)
     elif suffix == ".jsonl":
-        yield from _read_jsonl(path, _text(path))
+        yield from _read_jsonl(path, _file_lines(path))
     elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(_text(path), newline=""))
         for i, row in enumerate(reader, start=1):
@@ -78,37 +85,96 @@ def _text(path: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r}); "
-                        "re-save the file as UTF-8") from None
+        raise _not_utf8(path, raw[: err.start].count(b"\n") + 1, err.start, raw[err.start:err.start + 1]) from None
 
 
-def _lines(text: str) -> list[str]:
+def _not_utf8(path: Path, line: int, byte: int, value: bytes) -> DataError:
+    return DataError(f"{path}: line {line}: not UTF-8 text (byte {byte}: {value!r}); re-save the file as UTF-8")
+
+
+def _lines(text: str) -> Iterator[str]:
     """Split on newlines only (str.splitlines also splits on U+2028 etc., which may sit inside JSON strings)."""
-    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    start = 0
+    while start <= len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        line = text[start:end]
+        yield line[:-1] if line.endswith("\r") else line
+        start = end + 1
+
+
+def _file_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 file, read one at a time."""
+    offset = 0
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, number, offset + err.start, raw[err.start:err.start + 1]) from None
+            offset += len(raw)
+            yield line.rstrip("\n").removesuffix("\r")
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 def _read_json(path: Path) -> Iterator[RawRow]:
     text = _text(path)
+    start = _SPACE.match(text).end()
+    if text.startswith("[", start):
+        yield from _json_list(path, text, start + 1)
+        return
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data" and text.lstrip().startswith("{"):
-            yield from _read_jsonl(path, text)  # JSON lines saved with a .json suffix, as datasets accepts
+            yield from _read_jsonl(path, _lines(text))  # JSON lines saved with a .json suffix, as datasets accepts
             return
-        raise DataError(f"{path}: line {err.lineno}, column {err.colno}: invalid JSON: {err.msg}") from None
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
+        raise _invalid_json(path, err) from None
+    if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON list of row objects, got {type(data).__name__}")
-    for i, row in enumerate(data, start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {i}: expected an object with named fields, got {type(row).__name__}")
-        yield RawRow(row, str(path), i)
+    yield RawRow(data, str(path), 1)
 
 
-def _read_jsonl(path: Path, text: str) -> Iterator[RawRow]:
-    for i, line in enumerate(_lines(text), start=1):
+def _json_list(path: Path, text: str, pos: int) -> Iterator[RawRow]:
+    """The objects of a JSON list, parsed one at a time from `pos` (just after its '['); the same rows and the same
+    errors as json.loads of the whole text."""
+    decoder = json.JSONDecoder()
+    pos = _SPACE.match(text, pos).end()
+    number = 0
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            try:
+                row, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as err:
+                raise _invalid_json(path, err) from None
+            number += 1
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: row {number}: expected an object with named fields, got "
+                                f"{type(row).__name__}")
+            yield RawRow(row, str(path), number)
+            pos = _SPACE.match(text, pos).end()
+            if text.startswith(",", pos):
+                pos = _SPACE.match(text, pos + 1).end()
+                continue
+            if text.startswith("]", pos):
+                pos += 1
+                break
+            raise _invalid_json(path, json.JSONDecodeError("Expecting ',' delimiter", text, pos))
+    pos = _SPACE.match(text, pos).end()
+    if pos != len(text):
+        raise _invalid_json(path, json.JSONDecodeError("Extra data", text, pos))
+
+
+def _invalid_json(path: Path, err: json.JSONDecodeError) -> DataError:
+    return DataError(f"{path}: line {err.lineno}, column {err.colno}: invalid JSON: {err.msg}")
+
+
+def _read_jsonl(path: Path, lines: Iterable[str]) -> Iterator[RawRow]:
+    for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -121,26 +187,31 @@ def _read_jsonl(path: Path, text: str) -> Iterator[RawRow]:
 
 
 def _read_table(path: Path) -> Iterator[RawRow]:
+    """Rows of a parquet or arrow (IPC stream or file) table, converted one record batch at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    number = 0
     try:
         if path.suffix.lower() == ".parquet":
-            table = pq.read_table(path)
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
         else:
+            source = pa.memory_map(str(path))
             try:
-                with pa.memory_map(str(path)) as source:
-                    table = pa.ipc.open_stream(source).read_all()
+                reader = pa.ipc.open_stream(source)
+                batches = iter(reader)
             except pa.ArrowInvalid:
-                with pa.memory_map(str(path)) as source:
-                    table = pa.ipc.open_file(source).read_all()
+                reader = pa.ipc.open_file(source)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield RawRow(row, str(path), number)
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path}: cannot read as {path.suffix[1:]}: {err}") from None
-    for i, row in enumerate(table.to_pylist(), start=1):
-        yield RawRow(row, str(path), i)
 
 
-def _read_hf(spec: DatasetSpec) -> list[RawRow]:
+def _read_hf(spec: DatasetSpec) -> Iterator[RawRow]:
     import datasets
 
     try:
@@ -148,10 +219,10 @@ def _read_hf(spec: DatasetSpec) -> list[RawRow]:
     except Exception as err:  # hub, network and format failures all surface as one message
         raise DataError(f"dataset '{spec.name}': cannot load '{spec.location}' from the Hugging Face hub: {err}. "
                         "Offline? Download it and register it with file_name.") from None
-    return [RawRow(dict(row), f"hf://{spec.location}", i) for i, row in enumerate(ds, start=1)]
+    return (RawRow(dict(row), f"hf://{spec.location}", i) for i, row in enumerate(ds, start=1))
 
 
-def _read_ms(spec: DatasetSpec) -> list[RawRow]:
+def _read_ms(spec: DatasetSpec) -> Iterator[RawRow]:
     try:
         from modelscope import MsDataset
     except ImportError:
@@ -161,4 +232,4 @@ def _read_ms(spec: DatasetSpec) -> list[RawRow]:
         ds = MsDataset.load(spec.location, subset_name=spec.subset, split=spec.split, data_dir=spec.folder)
     except Exception as err:  # as above: one message for any hub failure
         raise DataError(f"dataset '{spec.name}': cannot load '{spec.location}' from ModelScope: {err}") from None
-    return [RawRow(dict(row), f"ms://{spec.location}", i) for i, row in enumerate(ds, start=1)]
+    return (RawRow(dict(row), f"ms://{spec.location}", i) for i, row in enumerate(ds, start=1))
