@@ -18,22 +18,27 @@ from tuneforge.templates import get_template
 
 from ..conftest import write_json
 
-VALID = ['[]', ' [ ] \n', '[{"a": 1}]', '\n[\n {"a": "x\u2028y"} ,\n\t{"b": [1, {"c": null}]}\n]\n',
+VALID = ['[]', ' [ ] \n', '[{"a": 1}]', '\ufeff[{"a": 1},\n{"b": "\u00e9\u4e16\U0001f600"}]', '\n[\n {"a": "x\u2028y"} ,\n\t{"b": [1, {"c": null}]}\n]\n',
          '[{"instruction": "\u4f60\u597d", "output": "\\u4e16\\u754c"}, {}]']
-INVALID = ['[{"a": 1} {"b": 2}]', '[{"a": 1},]', '[{"a": 1}', '[{"a": 1}] x', '[{"a": 1}]\n\n[', '[', '[{"a": }]',
+INVALID = ['[{"a": 1},\n {"b": "\u4e16\u4e16"}, {"c": "x"} {"d": 2}]', '[{"a": 1}, {"b": "x\ny"}]', '[{"a": 1} {"b": 2}]', '[{"a": 1},]', '[{"a": 1}', '[{"a": 1}] x', '[{"a": 1}]\n\n[', '[', '[{"a": }]',
            '[{"a": 1},\n {"b": 2}\n {"c": 3}]']
 
 
+@pytest.mark.parametrize("block", [1 << 20, 7, 1])
 @pytest.mark.parametrize("text", VALID)
-def test_a_json_list_is_read_one_row_at_a_time_into_the_rows_json_loads_gives(text, tmp_path):
+def test_a_json_list_is_read_one_row_at_a_time_into_the_rows_json_loads_gives(text, block, tmp_path, monkeypatch):
+    """Read in blocks of `block` bytes (rows and multi-byte characters cut across blocks, parsed text dropped)."""
+    monkeypatch.setattr("tuneforge.data.readers._TextStream.BLOCK", block)
     (tmp_path / "a.json").write_text(text, "utf-8")
     rows = list(read_file(tmp_path / "a.json"))
-    assert [r.data for r in rows] == json.loads(text)
+    assert [r.data for r in rows] == json.loads(text.removeprefix("\ufeff"))
     assert [r.row for r in rows] == list(range(1, len(rows) + 1))
 
 
+@pytest.mark.parametrize("block", [1 << 20, 7, 1])
 @pytest.mark.parametrize("text", INVALID)
-def test_a_broken_json_list_names_the_line_column_and_reason_json_loads_names(text, tmp_path):
+def test_a_broken_json_list_names_the_line_column_and_reason_json_loads_names(text, block, tmp_path, monkeypatch):
+    monkeypatch.setattr("tuneforge.data.readers._TextStream.BLOCK", block)
     (tmp_path / "a.json").write_text(text, "utf-8")
     with pytest.raises(json.JSONDecodeError) as reference:
         json.loads(text)
@@ -46,6 +51,15 @@ def test_a_broken_json_list_names_the_line_column_and_reason_json_loads_names(te
 def test_a_json_list_item_that_is_not_an_object_is_named_by_its_row(tmp_path):
     (tmp_path / "a.json").write_text('[{"a": 1}, {"a": 2}, "text"]', "utf-8")
     with pytest.raises(DataError, match=r"a.json: row 3: expected an object with named fields, got str"):
+        list(read_file(tmp_path / "a.json"))
+
+
+def test_a_json_list_with_a_bad_byte_names_its_line_and_byte(tmp_path, monkeypatch):
+    monkeypatch.setattr("tuneforge.data.readers._TextStream.BLOCK", 5)
+    content = b'[{"a": 1},\n {"a": "\xc3\xa9"},\n {"a": "\xe9"}]'
+    (tmp_path / "a.json").write_bytes(content)
+    bad = content.index(b"\xe9\"")
+    with pytest.raises(DataError, match=rf"a.json: line 3: not UTF-8 text \(byte {bad}: b'\\xe9'\)"):
         list(read_file(tmp_path / "a.json"))
 
 

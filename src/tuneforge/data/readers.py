@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -120,11 +121,13 @@ _SPACE = re.compile(r"[ \t\n\r]*")
 
 
 def _read_json(path: Path) -> Iterator[RawRow]:
-    text = _text(path)
-    start = _SPACE.match(text).end()
-    if text.startswith("[", start):
-        yield from _json_list(path, text, start + 1)
+    stream = _TextStream(path)
+    if stream.next_char() == "[":
+        stream.pos += 1
+        yield from _json_list(stream)
         return
+    stream.close()
+    text = _text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -137,36 +140,114 @@ def _read_json(path: Path) -> Iterator[RawRow]:
     yield RawRow(data, str(path), 1)
 
 
-def _json_list(path: Path, text: str, pos: int) -> Iterator[RawRow]:
-    """The objects of a JSON list, parsed one at a time from `pos` (just after its '['); the same rows and the same
-    errors as json.loads of the whole text."""
-    decoder = json.JSONDecoder()
-    pos = _SPACE.match(text, pos).end()
+def _json_list(stream: _TextStream) -> Iterator[RawRow]:
+    """The objects of a JSON list, parsed one at a time as the file is read (just after its '['); the same rows and
+    the same errors as json.loads of the whole text, without ever holding the whole text."""
+    path = stream.path
     number = 0
-    if text.startswith("]", pos):
-        pos += 1
-    else:
+    with stream:
+        if stream.next_char() == "]":
+            stream.pos += 1
+        else:
+            while True:
+                row = stream.value()
+                number += 1
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: row {number}: expected an object with named fields, got "
+                                    f"{type(row).__name__}")
+                yield RawRow(row, str(path), number)
+                char = stream.next_char()
+                if char not in (",", "]"):
+                    raise stream.error("Expecting ',' delimiter", stream.pos)
+                stream.pos += 1
+                if char == "]":
+                    break
+                stream.next_char()
+        if stream.next_char():
+            raise stream.error("Extra data", stream.pos)
+
+
+class _TextStream:
+    """A UTF-8 file's text decoded block by block; text already parsed is dropped, and positions in what is kept
+    map back to the file's line and column for messages."""
+
+    BLOCK = 1 << 20
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = path.open("rb")
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.text = ""  # decoded and not yet dropped
+        self.pos = 0  # where parsing is, in self.text
+        self.eof = False
+        self.line = 1  # the line and 0-based column at which self.text starts
+        self.column = 0
+        self.bytes = 0  # bytes read, and the newlines among them (for a decoding error's line)
+        self.newlines = 0
+
+    def __enter__(self) -> _TextStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def more(self, size: int = BLOCK) -> bool:
+        """Read and decode up to `size` more bytes; False at the end of the file."""
+        if self.eof:
+            return False
+        data = self.file.read(size)
+        self.eof = not data
+        pending = len(self.decoder.getstate()[0])
+        try:
+            self.text += self.decoder.decode(data, final=self.eof)
+        except UnicodeDecodeError as err:
+            start = err.start - pending  # where in `data` (a negative start lies in the previous block's tail)
+            line = self.newlines + data.count(b"\n", 0, max(start, 0)) + 1
+            raise _not_utf8(self.path, line, self.bytes + start, err.object[err.start:err.start + 1]) from None
+        self.bytes += len(data)
+        self.newlines += data.count(b"\n")
+        return not self.eof
+
+    def next_char(self) -> str:
+        """The next character that is not JSON whitespace (pos moved onto it); "" at the end of the file."""
+        while True:
+            self.pos = _SPACE.match(self.text, self.pos).end()
+            if self.pos < len(self.text):
+                return self.text[self.pos]
+            if not self.more():
+                return ""
+
+    def value(self) -> Any:
+        """The JSON value at pos (reading more of the file while it is incomplete); pos moves past it."""
+        size = self.BLOCK
         while True:
             try:
-                row, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as err:
-                raise _invalid_json(path, err) from None
-            number += 1
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: row {number}: expected an object with named fields, got "
-                                f"{type(row).__name__}")
-            yield RawRow(row, str(path), number)
-            pos = _SPACE.match(text, pos).end()
-            if text.startswith(",", pos):
-                pos = _SPACE.match(text, pos + 1).end()
-                continue
-            if text.startswith("]", pos):
-                pos += 1
+                value, self.pos = _DECODER.raw_decode(self.text, self.pos)
                 break
-            raise _invalid_json(path, json.JSONDecodeError("Expecting ',' delimiter", text, pos))
-    pos = _SPACE.match(text, pos).end()
-    if pos != len(text):
-        raise _invalid_json(path, json.JSONDecodeError("Extra data", text, pos))
+            except json.JSONDecodeError as err:
+                if not self.more(size):
+                    raise self.error(err.msg, err.pos) from None
+                size *= 2  # a long row: read on in growing blocks
+        if self.pos > self.BLOCK:  # drop what is parsed, keeping track of where the kept text starts
+            dropped = self.text[: self.pos]
+            newlines = dropped.count("\n")
+            self.line += newlines
+            self.column = len(dropped) - dropped.rfind("\n") - 1 if newlines else self.column + len(dropped)
+            self.text, self.pos = self.text[self.pos:], 0
+        return value
+
+    def error(self, message: str, pos: int) -> DataError:
+        """An invalid-JSON message naming the file's line and 1-based column of `pos` (as json.loads names them)."""
+        newline = self.text.rfind("\n", 0, pos)
+        line = self.line + self.text.count("\n", 0, pos)
+        column = pos - newline if newline >= 0 else self.column + pos + 1
+        return DataError(f"{self.path}: line {line}, column {column}: invalid JSON: {message}")
+
+
+_DECODER = json.JSONDecoder()
 
 
 def _invalid_json(path: Path, err: json.JSONDecodeError) -> DataError:
