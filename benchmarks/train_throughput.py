@@ -1,13 +1,15 @@
 """Training throughput of `tuneforge train` on the embedded SmolLM2-135M-Instruct (LoRA r8, all linear layers).
 
-Usage: python benchmarks/train_throughput.py [--steps 20] [--rows 200]
+Usage: python benchmarks/train_throughput.py [--steps 20] [--rows 200] [--precision auto|bf16|fp32]
        python benchmarks/train_throughput.py --against-llamafactory [--rows 48] [--repeats 2] [--lf-venv PATH]
+                                             [--precision auto|bf16|fp32]
 
 --against-llamafactory: tuneforge and LLaMA-Factory 0.9.5 side by side, in one run, on the same data
 ----------------------------------------------------------------------------------------------------------------
 A synthetic alpaca set (default 48 rows; outputs ~30 to ~450 tokens, log-uniformly, so every sequence fits the
 512-token cutoff and neither tool truncates) and ONE LLaMA-Factory-style flat YAML (stage sft, LoRA r8 on all linear
-layers, cutoff 512, batch 4, no accumulation, bf16, chatml, 1 epoch) are written into a temp folder. LF 0.9.5 is
+layers, cutoff 512, batch 4, no accumulation, bf16, chatml, 1 epoch; fp32 instead on a CPU without native bf16,
+where bf16 matmuls are emulated at a few GFLOP/s: `--precision` overrides) are written into a temp folder. LF 0.9.5 is
 installed into its own cached venv on first use (benchmarks/lfbench.py: CPU torch pinned, its CUDA torchvision and
 torchaudio removed). Each tool runs its best configuration for this machine, each as its own process:
 
@@ -87,13 +89,14 @@ def make_dataset(folder: Path, rows: int, tokenizer, seed: int = 0) -> None:
     (folder / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.json"}}), encoding="utf-8")
 
 
-def matmul_peak(dtype: torch.dtype, m: int = 2048, k: int = 576, n: int = 1536, repeats: int = 10) -> float:
-    """GFLOP/s of a decoder-sized matmul on this process's threads (best of 5 trials)."""
+def matmul_peak(dtype: torch.dtype, m: int = 2048, k: int = 576, n: int = 1536, repeats: int = 10,
+                trials: int = 5) -> float:
+    """GFLOP/s of a decoder-sized matmul on this process's threads (best of `trials`)."""
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    for _ in range(3):
+    for _ in range(3 if trials > 1 else 0):
         a @ b
     best = 0.0
-    for _ in range(5):
+    for _ in range(trials):
         start = time.perf_counter()
         for _ in range(repeats):
             a @ b
@@ -164,7 +167,8 @@ def make_sft_rows(folder: Path, rows: int, tokenizer, seed: int = 0) -> list[dic
 
 
 
-def against_llamafactory(args: argparse.Namespace, tokenizer, model_dir: Path, fpt: float, peak: float) -> None:
+def against_llamafactory(args: argparse.Namespace, tokenizer, model_dir: Path, fpt: float, precision: str,
+                         peak: float) -> None:
     """Both tools on one shared YAML, alternating; the table of medians and the ratios."""
     from tuneforge.config.load import load
 
@@ -181,9 +185,9 @@ def against_llamafactory(args: argparse.Namespace, tokenizer, model_dir: Path, f
         shared = {"stage": "sft", "do_train": True, "model_name_or_path": str(model_dir), "finetuning_type": "lora",
                   "lora_rank": 8, "lora_target": "all", "dataset_dir": str(work / "data"), "dataset": "bench",
                   "template": "chatml", "cutoff_len": 512, "per_device_train_batch_size": 4,
-                  "gradient_accumulation_steps": 1, "bf16": True, "learning_rate": 1.0e-4, "num_train_epochs": 1,
+                  "gradient_accumulation_steps": 1, "learning_rate": 1.0e-4, "num_train_epochs": 1,
                   "logging_steps": 1, "save_steps": 100000, "report_to": "none", "overwrite_output_dir": True,
-                  "plot_loss": False}
+                  "plot_loss": False, **({"bf16": True} if precision == "bf16" else {})}
         print("shared YAML:\n" + "\n".join(f"  {k}: {v}" for k, v in shared.items()))
         notes = [f"LF: added `{k}: {v}`" for k, v in LF_BEST.items()] + [f"LF: environment {k}={v}"
                                                                           for k, v in LF_ENV.items()]
@@ -204,11 +208,11 @@ def against_llamafactory(args: argparse.Namespace, tokenizer, model_dir: Path, f
         for _ in range(args.repeats):
             for run in runs:
                 measure(run, tokens)
-    print(f"\nmachine: {machine()}; matmul peak measured here: bf16 {peak:.0f} GFLOP/s; "
+    print(f"\nmachine: {machine()}; matmul peak measured here: {precision} {peak:.0f} GFLOP/s; "
           f"model FLOPs per token {fpt / 1e6:.0f} M")
     print_table(runs, False, mfu=lambda run, tok_s: fpt * tok_s / (peak * 1e9))
-    print("tok/s = the rows' non-padding tokens / loop seconds; MFU = FLOPs per token x tok/s / the bf16 matmul "
-          "peak. Valid only side by side, in one run, on one machine.")
+    print(f"tok/s = the rows' non-padding tokens / loop seconds; MFU = FLOPs per token x tok/s / the {precision} "
+          "matmul peak. Valid only side by side, in one run, on one machine.")
 
 
 def main() -> None:
@@ -219,8 +223,11 @@ def main() -> None:
                         help="run LLaMA-Factory 0.9.5 and tuneforge side by side on the same data and YAML")
     parser.add_argument("--repeats", type=int, default=2, help="alternations against LF (medians are printed)")
     parser.add_argument("--lf-venv", type=Path, default=DEFAULT_LF_VENV)
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto: bf16 where the CPU has native bf16 (AVX512-BF16 / AMX), else fp32")
     args = parser.parse_args()
     from tuneforge.config.schema import ModelConfig
+    from tuneforge.devices import cpu_bf16_supported
     from tuneforge.models.embedded import embedded_model_dir
     from tuneforge.models.load import load_tokenizer
 
@@ -228,27 +235,38 @@ def main() -> None:
     tokenizer = load_tokenizer(ModelConfig())
     config = json.loads((embedded_model_dir() / "config.json").read_text())
     fpt = flops_per_token(config, rank=8)
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    head_peak = matmul_peak(torch.bfloat16, m=1024, k=576, n=49152, repeats=3)
+    native_bf16 = cpu_bf16_supported()
+    precision = args.precision if args.precision != "auto" else "bf16" if native_bf16 else "fp32"
     print(f"machine: {os.cpu_count()} CPU threads, torch {torch.__version__}")
-    print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s "
-          f"(vocabulary projection bf16 {head_peak:.0f})")
+    peaks = {"fp32": matmul_peak(torch.float32)}
+    if native_bf16:
+        peaks["bf16"] = matmul_peak(torch.bfloat16)
+        head_peak = matmul_peak(torch.bfloat16, m=1024, k=576, n=49152, repeats=3)
+        print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s "
+              f"(vocabulary projection bf16 {head_peak:.0f})")
+    else:  # emulated bf16 runs at a few GFLOP/s: measuring its peak would take many minutes
+        peaks["bf16"] = matmul_peak(torch.bfloat16, repeats=1, trials=1)
+        print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s; this CPU has no native bf16 (AVX512-BF16 / AMX): "
+              f"bf16 matmuls are emulated, {peaks['bf16']:.1f} GFLOP/s, so bf16 training is not measured "
+              "(--precision bf16 forces it)")
     print(f"model FLOPs per token: {fpt / 1e6:.0f} M (6 x trained + 4 x frozen weights)")
     if args.against_llamafactory:
         args.rows = args.rows or 48
-        return against_llamafactory(args, tokenizer, embedded_model_dir(), fpt, peaks["bf16"])
+        return against_llamafactory(args, tokenizer, embedded_model_dir(), fpt, precision, peaks[precision])
     args.rows = args.rows or 200
+    configs = [("fp32", ["train.precision=fp32"])]
+    if precision == "bf16":
+        configs += [("bf16", ["train.precision=bf16"]),
+                    ("bf16+packing", ["train.precision=bf16", "data.packing=true"])]
+    else:
+        configs += [("fp32+packing", ["train.precision=fp32", "data.packing=true"])]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         make_dataset(work / "data", args.rows, tokenizer)
-        results = [
-            run_one("fp32", work / "data", work, args.steps, ["train.precision=fp32"]),
-            run_one("bf16", work / "data", work, args.steps, ["train.precision=bf16"]),
-            run_one("bf16+packing", work / "data", work, args.steps, ["train.precision=bf16", "data.packing=true"]),
-        ]
+        results = [run_one(name, work / "data", work, args.steps, extra) for name, extra in configs]
     print(f"{'config':14} {'rows/s':>7} {'tok/s':>7} {'tok/s+pad':>10} {'1st step':>9} {'peak RSS':>9} {'MFU':>6}")
     for r in results:
-        peak = peaks["fp32" if r["name"] == "fp32" else "bf16"]
+        peak = peaks[r["name"].split("+")[0]]
         mfu = fpt * r["tokens_per_s"] / (peak * 1e9)
         print(f"{r['name']:14} {r['rows_per_s']:7.2f} {r['tokens_per_s']:7.0f} {r['padded_tokens_per_s']:10.0f} "
               f"{r['first_step_s']:8.1f}s {r['peak_rss_gb']:8.2f}G {100 * mfu:5.1f}%")

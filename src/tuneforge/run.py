@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -44,6 +45,8 @@ from tuneforge.train.optim import describe_optimizer
 from tuneforge.train.plan import Plan, make_plan, plan_dict, print_plan
 from tuneforge.train.plot import plot_loss
 from tuneforge.train.tracking import read_metrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -224,6 +227,10 @@ def make_accelerator(train_cfg: TrainConfig) -> tuple[Any, str]:
         precision = "bf16" if supported else "fp32"
     if precision == "fp16" and not cuda:
         raise ConfigError("train.precision=fp16 needs a GPU; on CPU use bf16 (or fp32)")
+    if precision == "bf16" and not cuda and not cpu_bf16_supported():
+        log.warning("train.precision=bf16 (LLaMA-Factory: bf16: true) on a CPU without native bf16 (AVX512-BF16 or "
+                    "AMX): its bf16 matmuls are emulated, about a hundred times slower than fp32. Set "
+                    "train.precision=auto or fp32 (LLaMA-Factory: remove bf16) unless bf16 is what you mean to test")
     from datetime import timedelta
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
