@@ -247,8 +247,8 @@ def main() -> None:
     else:  # emulated bf16 runs at a few GFLOP/s: measuring its peak would take many minutes
         peaks["bf16"] = matmul_peak(torch.bfloat16, repeats=1, trials=1)
         print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s; this CPU has no native bf16 (AVX512-BF16 / AMX): "
-              f"bf16 matmuls are emulated, {peaks['bf16']:.1f} GFLOP/s, so bf16 training is not measured "
-              "(--precision bf16 forces it)")
+              f"bf16 matmuls are emulated, {peaks['bf16']:.1f} GFLOP/s"
+              + (", so training is measured in fp32 (--precision bf16 forces bf16)" if precision == "fp32" else ""))
     print(f"model FLOPs per token: {fpt / 1e6:.0f} M (6 x trained + 4 x frozen weights)")
     if args.against_llamafactory:
         args.rows = args.rows or 48

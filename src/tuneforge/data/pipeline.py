@@ -59,7 +59,7 @@ class LoadedDataset:
 def load_examples(data: DataConfig, name: str, kind: str, seed: int, strict: bool = True) -> LoadedDataset:
     """Read and convert one dataset for a data kind; strict mode raises on the first bad row, otherwise collects
     problems. For kto, preference pairs are unpaired: a desirable row (chosen) and an undesirable one (rejected).
-    (Training reads its rows through `store_rows` instead, which keeps them on disk.)"""
+    (Training reads its rows through `Sources` instead, which keeps them on disk.)"""
     spec = get_spec(load_catalog(data.dataset_dir, data.inline), name, data.dataset_dir)
     rows = read_rows(spec)
     raw_count = len(rows)

@@ -28,7 +28,8 @@ class RowStore:
 
     @classmethod
     def write(cls, rows: Iterable[RawRow], path: Path) -> RowStore:
-        """Stream rows into a new file at `path`; values JSON cannot hold (dates, bytes) are kept as their text."""
+        """Stream rows into a new file at `path`; values JSON cannot hold (dates, bytes) are kept as their text.
+        Each row is kept only as its JSON text until its batch is written (not as the parsed row)."""
         import pyarrow as pa
 
         schema = pa.schema([("json", pa.large_string()), ("file", pa.string()), ("row", pa.int64())])
@@ -58,9 +59,6 @@ class RowStore:
         picked = self._table.take(pa.array(positions, pa.int64())).to_pydict()
         return [RawRow(json.loads(text), file, row)
                 for text, file, row in zip(picked["json"], picked["file"], picked["row"])]
-
-    def __len__(self) -> int:
-        return self.count
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "count": self.count, "_table": None}  # a worker maps the file itself
