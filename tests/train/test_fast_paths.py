@@ -90,13 +90,27 @@ def test_adapters_under_autocast_skip_the_fp32_round_trip_bit_for_bit(lora_job, 
     loss, grads = step(job, batch, "bf16")
     ours = len(copies)
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "adapter_inputs_as_autocast", lambda model: contextlib.nullcontext())
+        patch.setattr(loop, "adapter_inputs_as_autocast", lambda *args: contextlib.nullcontext())
         plain_loss, plain_grads = step(job, batch, "bf16")
     plain = len(copies) - ours
     assert loss == plain_loss
     assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
     # peft upcast every adapter input (2 layers x 7 adapted projections); now none is
     assert plain - ours == 2 * 7, (ours, plain)
+
+
+def test_adapter_casting_is_off_inside_an_autocast_pass_and_restored_after(lora_job):
+    from tuneforge.finetune.methods import adapter_inputs_as_autocast, tuner_layers
+
+    job, _ = lora_job("bf16")
+    layers = tuner_layers(job.model)
+    assert len(layers) == 2 * 7  # 2 layers x 7 adapted projections
+    for given in (layers, None):  # the caller's list, or found here
+        with torch.autocast("cpu", dtype=torch.bfloat16), adapter_inputs_as_autocast(job.model, given):
+            assert not any(layer.cast_input_dtype_enabled for layer in layers)
+        assert all(layer.cast_input_dtype_enabled for layer in layers)
+    with adapter_inputs_as_autocast(job.model, layers):  # no autocast: peft's cast is needed, left on
+        assert all(layer.cast_input_dtype_enabled for layer in layers)
 
 
 def test_compiled_layers_give_the_plain_loss_and_gradients(make_cfg):

@@ -32,6 +32,40 @@ def test_values_and_gradients_match_autograd(uniform, upstream):
     assert torch.allclose(ours_grads[1], weight.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("n, sizes", [
+    (1000, [512, 256, 128, 64, 64]),  # 1000 = 512 + 256 + 128 + 64 + 40 (padded to 64)
+    (1024, [1024]), (2050, [1024, 1024, 64]), (64, [64]), (1, [64]), (130, [128, 64])])
+def test_head_chunks_come_in_a_few_fixed_sizes(n, sizes):
+    spans = losses.chunk_spans(n, 1024)
+    assert [end - start for start, end in spans] == sizes
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert n <= spans[-1][1] < n + losses.SMALLEST_CHUNK
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_a_padded_last_chunk_changes_no_value_or_gradient(uniform):
+    """300 rows in chunks of 256 and 64, the last padded with 20 zero rows (targets 0) that are dropped."""
+    torch.manual_seed(2)
+    hidden = torch.randn(300, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(1, 50, (300,))
+    g = torch.randn(300, dtype=torch.float64)
+    ours, _ = token_logps(hidden, weight, targets, uniform_grad=uniform, chunk=256)
+    (ours * g).sum().backward()
+    ours_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad, weight.grad = None, None
+    expected = reference(hidden, weight, targets)
+    (expected * g).sum().backward()
+    assert ours.shape == (300,)
+    assert torch.allclose(ours.double(), expected, atol=1e-5)
+    assert torch.allclose(ours_grads[0], hidden.grad, atol=1e-5)
+    assert torch.allclose(ours_grads[1], weight.grad, atol=1e-5)
+    with torch.no_grad():
+        values, hits = token_logps(hidden, weight, targets, chunk=256)
+    assert values.shape == hits.shape == (300,)
+    assert torch.allclose(values.double(), expected.detach(), atol=1e-5)
+
+
 def test_cross_entropy_is_the_negated_sum():
     torch.manual_seed(1)
     hidden, weight = torch.randn(9, 8), torch.randn(20, 8)

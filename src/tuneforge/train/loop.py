@@ -18,7 +18,7 @@ from tuneforge.config.rules import eval_interval
 from tuneforge.config.schema import LoraConfig, TrainConfig
 from tuneforge.errors import ConfigError
 from tuneforge.finetune.fused import fuse_shared_inputs, unfuse
-from tuneforge.finetune.methods import adapter_inputs_as_autocast
+from tuneforge.finetune.methods import adapter_inputs_as_autocast, tuner_layers
 from tuneforge.stages.base import Stage
 from tuneforge.train.batches import BatchPlan, epoch_of, split_by_tokens, step_batches
 from tuneforge.train.checkpoint import (
@@ -55,6 +55,7 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
         self.stage = stage
+        self.tuner_layers = tuner_layers(model)  # (the adapters are in place when the loop starts)
 
     @property
     def config(self) -> Any:
@@ -64,7 +65,7 @@ class LossModule(nn.Module):
         return getattr(unwrap_causal_lm(self.model), "config", None)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        with adapter_inputs_as_autocast(self.model):
+        with adapter_inputs_as_autocast(self.model, self.tuner_layers):
             out = self.stage.loss(self.model, batch)
         return out.loss_sum, out.units, out.metrics
 

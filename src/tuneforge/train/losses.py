@@ -17,6 +17,30 @@ import torch
 from torch import Tensor
 
 CHUNK_TOKENS = 1024
+SMALLEST_CHUNK = 64  # chunks are CHUNK_TOKENS / 2^k rows, at least this many (the last one padded up to it)
+
+
+def chunk_spans(n: int, chunk: int) -> list[tuple[int, int]]:
+    """Row spans [start, end) covering n rows in chunks of `chunk`, chunk/2, ... down to SMALLEST_CHUNK rows; the
+    last span may end up to SMALLEST_CHUNK - 1 rows past n (the caller pads them with zeros and drops them).
+
+    A CPU matmul library (oneDNN) builds a kernel per new shape, ~10-30 ms for an output head's matmul; chunks
+    of a few fixed sizes are built once per run instead of once per step."""
+    spans, start = [], 0
+    size = chunk
+    while start < n:
+        while size > SMALLEST_CHUNK and n - start < size:
+            size //= 2
+        spans.append((start, start + size))
+        start += size
+    return spans
+
+
+def _rows(tensor: Tensor, start: int, end: int) -> Tensor:
+    """tensor[start:end], zero-padded at the bottom when end is past its rows."""
+    part = tensor[start:end]
+    missing = end - start - part.shape[0]
+    return part if missing == 0 else torch.cat([part, part.new_zeros((missing, *part.shape[1:]))])
 
 
 class _LinearTokenLogps(torch.autograd.Function):
@@ -31,14 +55,15 @@ class _LinearTokenLogps(torch.autograd.Function):
             eager_weight = ctx.needs_input_grad[1] and uniform
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
                 if eager_weight else None
-            for start in range(0, hidden.shape[0], chunk):
-                h = hidden[start:start + chunk].to(compute_dtype)  # [c, h]
-                y = targets[start:start + chunk]  # [c]
-                neg_grad_logits, logp = _chunk_grad(h, w, y)
-                logps[start:start + chunk] = logp
+            n = hidden.shape[0]
+            for start, end in chunk_spans(n, chunk):
+                h = _rows(hidden, start, end).to(compute_dtype)  # [c, h]; rows past n are zeros
+                neg_grad_logits, logp = _chunk_grad(h, w, _rows(targets, start, end))
+                rows = min(end, n) - start
+                logps[start:start + rows] = logp[:rows]
                 if grad_hidden is not None:
-                    grad_hidden[start:start + chunk] = (neg_grad_logits @ w).neg_().to(hidden.dtype)
-                if grad_weight is not None:
+                    grad_hidden[start:start + rows] = (neg_grad_logits @ w)[:rows].neg_().to(hidden.dtype)
+                if grad_weight is not None:  # (zero rows of h add nothing)
                     grad_weight -= (neg_grad_logits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight, hidden if ctx.needs_input_grad[1] else None,
                               weight if ctx.needs_input_grad[1] else None, targets)
@@ -58,10 +83,10 @@ class _LinearTokenLogps(torch.autograd.Function):
                 gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
                 w = weight.to(ctx.compute_dtype)
                 with torch.autocast(hidden.device.type, enabled=False):
-                    for start in range(0, hidden.shape[0], ctx.chunk):
-                        h = hidden[start:start + ctx.chunk].to(ctx.compute_dtype)
-                        neg_grad_logits, _ = _chunk_grad(h, w, targets[start:start + ctx.chunk])
-                        scaled = neg_grad_logits * g[start:start + ctx.chunk, None].to(neg_grad_logits.dtype)
+                    for start, end in chunk_spans(hidden.shape[0], ctx.chunk):
+                        h = _rows(hidden, start, end).to(ctx.compute_dtype)
+                        neg_grad_logits, _ = _chunk_grad(h, w, _rows(targets, start, end))
+                        scaled = neg_grad_logits * _rows(g, start, end)[:, None].to(neg_grad_logits.dtype)
                         gw -= (scaled.T @ h).float()
             gw = gw.to(ctx.weight_dtype)
         return gh, gw, None, None, None, None
@@ -118,9 +143,11 @@ def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, uniform_grad: b
     with torch.no_grad(), torch.autocast(device_type, enabled=False):
         w = weight.to(dtype)
         logps, hits = [], []
-        for start in range(0, hidden.shape[0], chunk):
-            logits = hidden[start:start + chunk].to(dtype) @ w.T
-            y = targets[start:start + chunk]
+        n = hidden.shape[0]
+        for start, end in chunk_spans(n, chunk):
+            rows = min(end, n) - start
+            logits = (_rows(hidden, start, end).to(dtype) @ w.T)[:rows]
+            y = targets[start:start + rows]
             logps.append(torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, y[:, None]).squeeze(1))
             hits.append(logits.argmax(-1) == y)
         return torch.cat(logps), torch.cat(hits)
