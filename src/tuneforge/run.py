@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,13 @@ from tuneforge.config import RunConfig, dump
 from tuneforge.config.schema import OutputConfig, TrainConfig
 from tuneforge.config.typed import to_dict
 from tuneforge.data.build import EncodedData, build_datasets, cache_folder, packing_enabled
-from tuneforge.devices import retain_freed_memory
+from tuneforge.devices import HeapWarmer, available_memory, heap_retained, retain_freed_memory
 from tuneforge.errors import ConfigError
 from tuneforge.finetune import apply_method
 from tuneforge.finetune.methods import ADAPTER_METHODS, save_adapter
 from tuneforge.finetune.neftune import add_neftune
 from tuneforge.io import plain_modes, write_text_atomic
+from tuneforge.models import attention
 from tuneforge.models.attention import use_cpu_attention
 from tuneforge.models.load import fit_vocab, load_model, load_tokenizer, train_embeddings
 from tuneforge.models.segments import use_segments
@@ -42,7 +44,8 @@ from tuneforge.train.distributed import full_state, gathered, read_deepspeed_con
 from tuneforge.train.loop import FitResult, RunContext, fit
 from tuneforge.train.manifest import update_manifest, write_manifest
 from tuneforge.train.optim import describe_optimizer
-from tuneforge.train.plan import Plan, make_plan, plan_dict, print_plan
+from tuneforge.train.plan import Plan, make_plan, pass_bytes, plan_dict, print_plan
+from tuneforge.train.plan import forward_tokens as pass_tokens
 from tuneforge.train.plot import plot_loss
 from tuneforge.train.tracking import read_metrics
 
@@ -64,6 +67,7 @@ class Job:
     model: Any
     plan: Plan
     context: RunContext
+    warmer: HeapWarmer | None = None  # pages the loop's first passes will use, written while the model loads
 
 
 def train(cfg: RunConfig, plan_only: bool = False) -> Path:
@@ -100,6 +104,7 @@ def prepare(cfg: RunConfig, plan_only: bool = False) -> Job:
         data = build_datasets(cfg.data, stage.data_kind, template, cfg.train.seed)
     train_rows, val_rows = training_rows(data, cfg, stage)
     stage.check_rows(train_rows)
+    warmer = None if plan_only else warm_heap(cfg, acc, tokenizer, stage, train_rows, precision)
     model = stage.setup(load_for_training(cfg, precision, tokenizer), acc)
     if cfg.reference.precompute:
         with acc.main_process_first(), acc.autocast():
@@ -123,11 +128,14 @@ def prepare(cfg: RunConfig, plan_only: bool = False) -> Job:
                                   "method": cfg.finetune.method},
                          resume_anyway=cfg.train.resume_anyway)
     plan.optimizer = describe_optimizer(cfg.train, context.lora)
-    return Job(cfg, run_dir, tokenizer, template, stage, data, train_rows, val_rows, model, plan, context)
+    return Job(cfg, run_dir, tokenizer, template, stage, data, train_rows, val_rows, model, plan, context, warmer)
 
 
 def fit_job(job: Job) -> FitResult:
     """Run the training loop on a prepared job."""
+    if job.warmer is not None:
+        job.warmer.finish()  # its block freed: the loop's first allocations take those pages
+        job.warmer = None
     return fit(job.model, job.stage, job.train_rows, job.val_rows, job.cfg.train, job.context)
 
 
@@ -325,7 +333,7 @@ def load_for_training(cfg: RunConfig, precision: str, tokenizer: Any = None) -> 
     model.config.use_cache = False
     if cfg.data.neat_packing:  # one causal attention call per packed row instead of a block-diagonal mask
         use_segments(model)
-    elif cfg.model.attn_implementation == "auto" and not uses_cuda(cfg.train) and not cfg.train.compile:
+    elif cpu_attention(cfg):
         # probabilities kept for a cheaper CPU backward (model.attn_implementation: sdpa keeps SDPA's kernel)
         use_cpu_attention(model)
     finetune = train_embeddings(cfg.finetune, fit_vocab(model, tokenizer, cfg.model)) if tokenizer is not None \
@@ -337,6 +345,39 @@ def load_for_training(cfg: RunConfig, precision: str, tokenizer: Any = None) -> 
     if cfg.train.compile:
         compile_layers(model, cfg.train.compile_backend, cfg.train.compile_mode)
     return model
+
+
+def cpu_attention(cfg: RunConfig) -> bool:
+    """Whether training uses models/attention.py's CPU attention (which keeps probabilities for backward)."""
+    return cfg.model.attn_implementation == "auto" and not uses_cuda(cfg.train) and not cfg.train.compile
+
+
+WARM_HEAP_MAX = 3 << 29  # 1.5 GiB: glibc hands a free heap top above M_TRIM_THRESHOLD (2 GiB - 1) back
+
+
+def warm_heap(cfg: RunConfig, acc: Any, tokenizer: Any, stage: Stage, rows: list[dict],
+              precision: str) -> HeapWarmer | None:
+    """Start paging in the host memory the first training passes will take (devices.HeapWarmer), sized by the
+    plan's estimate of one pass over the largest forward (at most WARM_HEAP_MAX and half the available memory); None
+    where it would not help: activations on a GPU, several processes sharing the cores, glibc not keeping freed
+    memory, a model folder without a readable config.json, or less than 64 MiB to page in."""
+    if acc.device.type != "cpu" or acc.num_processes > 1 or not heap_retained() or not rows:
+        return None
+    try:
+        config = json.loads((Path(tokenizer.name_or_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    fields = types.SimpleNamespace(**config.get("text_config", config))
+    longest = max(stage.row_length(row) for row in rows)
+    tokens = pass_tokens(stage, cfg.train.batch_size, longest)
+    budget = forward_tokens(cfg.train)
+    if budget:
+        tokens = min(tokens, max(budget, longest))
+    kept = longest if (cfg.data.neat_packing or cpu_attention(cfg)) and longest <= attention.MAX_TOKENS else 0
+    nbytes = min(pass_bytes(fields, tokens, precision, kept), WARM_HEAP_MAX, available_memory() // 2)
+    return HeapWarmer(nbytes) if nbytes >= 64 << 20 else None
 
 
 def compile_layers(model: Any, backend: str, mode: str | None) -> int:

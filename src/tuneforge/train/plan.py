@@ -141,8 +141,6 @@ def estimate_memory(model: nn.Module, tokens: int, precision: str, generation: i
     plus, when a CPU run keeps attention probabilities for rows of `attention_length` tokens, heads x that length
     values per token and layer (at most attention.MAX_PROBS a layer).
     """
-    from tuneforge.models.attention import MAX_PROBS
-
     config = getattr(model, "config", None)
     weights = sum(full_numel(p) * p.element_size() for p in model.parameters())
     trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
@@ -157,6 +155,16 @@ def estimate_memory(model: nn.Module, tokens: int, precision: str, generation: i
         weights = weights / max(world, 1) + fsdp_gathered_bytes(model)
         grads, optimizer = grads / max(world, 1), optimizer / max(world, 1)
     optimizer_and_grads = grads + optimizer
+    runtime = 600 * 2**20  # the Python process with torch and transformers imported
+    return float(weights + optimizer_and_grads + max(pass_bytes(config, tokens, precision, attention_length),
+                                                     generation) + runtime)
+
+
+def pass_bytes(config: Any, tokens: int, precision: str, attention_length: int = 0) -> int:
+    """Memory of one training forward and backward of `tokens` tokens: activations kept for backward plus the
+    loss's chunk of logits (see estimate_memory); `config` is the model's config, or anything with its fields."""
+    from tuneforge.models.attention import MAX_PROBS
+
     act_bytes = 4 if precision == "fp32" else 2
     hidden = getattr(config, "hidden_size", 0)
     inter = getattr(config, "intermediate_size", 4 * hidden)
@@ -165,9 +173,7 @@ def estimate_memory(model: nn.Module, tokens: int, precision: str, generation: i
     activations = tokens * layers * (10 * hidden + 4 * inter) * act_bytes
     heads = getattr(config, "num_attention_heads", 1) or 1
     activations += layers * min(tokens * heads * attention_length, MAX_PROBS) * act_bytes
-    loss_chunk = min(tokens, CHUNK_TOKENS) * vocab * 4 * 2
-    runtime = 600 * 2**20  # the Python process with torch and transformers imported
-    return float(weights + optimizer_and_grads + max(activations + loss_chunk, generation) + runtime)
+    return activations + min(tokens, CHUNK_TOKENS) * vocab * 4 * 2
 
 
 def print_plan(plan: Plan, console: Console | None = None) -> None:
