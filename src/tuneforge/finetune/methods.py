@@ -36,12 +36,42 @@ def apply_method(model: nn.Module, finetune: FinetuneConfig, adapters: list[str]
     elif finetune.method == "oft":
         model = apply_oft(model, finetune.oft, adapters, quantized, gradient_checkpointing, expanded)
     else:
-        model = apply_lora(model, finetune.lora, adapters, quantized, gradient_checkpointing, expanded)
+        with no_bitsandbytes_layers(model):
+            model = apply_lora(model, finetune.lora, adapters, quantized, gradient_checkpointing, expanded)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     upcast_trainable(model)
     return model
+
+
+@contextlib.contextmanager
+def no_bitsandbytes_layers(model: nn.Module) -> Iterator[None]:
+    """While peft adds LoRA to a model that holds no bitsandbytes layer, have it skip its bitsandbytes dispatchers.
+
+    peft's LoRA imports bitsandbytes the first time it wraps a layer, to offer adapters for bitsandbytes' quantized
+    layers, and bitsandbytes' CPU backend imports torch.compile's machinery on import (~1.2-1.8 s of every run's
+    start here), for layers an unquantized model cannot have. Only the two availability checks peft's LoRA model
+    module reads at that moment answer "no", and are put back after; a quantized model, or a process that has
+    already imported the dispatchers, goes through peft unchanged."""
+    import sys
+
+    import peft.tuners.lora.model as lora_model
+
+    quantized = any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+    if quantized or "peft.tuners.lora.bnb" in sys.modules:
+        yield
+        return
+    saved = lora_model.is_bnb_available, lora_model.is_bnb_4bit_available
+    lora_model.is_bnb_available = lora_model.is_bnb_4bit_available = _unavailable
+    try:
+        yield
+    finally:
+        lora_model.is_bnb_available, lora_model.is_bnb_4bit_available = saved
+
+
+def _unavailable() -> bool:
+    return False
 
 
 def upcast_trainable(model: nn.Module) -> None:
