@@ -12,4 +12,4 @@ python3 -m venv .venv
 . .venv/bin/activate
 bash scripts/setup.sh
 ruff check src tests
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"
