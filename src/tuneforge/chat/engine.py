@@ -25,6 +25,7 @@ from tuneforge.config.schema import GenerationConfig, ModelConfig
 from tuneforge.data.encode import EncodeOptions, encode_pairwise
 from tuneforge.data.types import Message
 from tuneforge.errors import ModelError
+from tuneforge.finetune.methods import no_bitsandbytes_layers
 from tuneforge.models.hub import resolve_model_dir
 from tuneforge.models.load import adopt_saved_vocab, load_model, load_tokenizer
 from tuneforge.models.valuehead import ValueHead, WithValueHead, find_value_head, hidden_size, load_value_head
@@ -445,17 +446,18 @@ def load_engine(model_cfg: ModelConfig, template: str = "auto", default_system: 
     tokenizer = load_tokenizer(replace(base, adapter_path=[]), padding_side="left")
     model = load_model(base)
     tokenizer = adopt_saved_vocab(model, tokenizer, folders, base.trust_remote_code)  # tokens a run added
-    for folder in stacked[:-1]:
-        model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     names: list[str] = []
     loaded = ([(stacked[-1].parent.name if stacked[-1].name == "adapter" else stacked[-1].name, stacked[-1])]
               if stacked else []) + list(separate.items())
-    for name, folder in loaded:
-        if not names:
-            model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
-        else:
-            model.load_adapter(str(folder), adapter_name=name)
-        names.append(name)
+    with no_bitsandbytes_layers(model):
+        for folder in stacked[:-1]:
+            model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        for name, folder in loaded:
+            if not names:
+                model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+            else:
+                model.load_adapter(str(folder), adapter_name=name)
+            names.append(name)
     model.eval()
     heads = load_value_heads(model, [(MODEL_HEAD, base_folder), *loaded])
     chosen, system = engine_template(tokenizer, info, template, default_system, enable_thinking, tool_format)

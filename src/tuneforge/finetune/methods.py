@@ -47,13 +47,16 @@ def apply_method(model: nn.Module, finetune: FinetuneConfig, adapters: list[str]
 
 @contextlib.contextmanager
 def no_bitsandbytes_layers(model: nn.Module) -> Iterator[None]:
-    """While peft adds LoRA to a model that holds no bitsandbytes layer, have it skip its bitsandbytes dispatchers.
+    """While peft adds LoRA to a model that holds no bitsandbytes layer (training, loading adapters to chat, merge
+    or serve), have it skip its bitsandbytes dispatchers.
 
     peft's LoRA imports bitsandbytes the first time it wraps a layer, to offer adapters for bitsandbytes' quantized
     layers, and bitsandbytes' CPU backend imports torch.compile's machinery on import (~1.2-1.8 s of every run's
     start here), for layers an unquantized model cannot have. Only the two availability checks peft's LoRA model
     module reads at that moment answer "no", and are put back after; a quantized model, or a process that has
-    already imported the dispatchers, goes through peft unchanged."""
+    already imported the dispatchers, goes through peft unchanged. (The checks are module attributes: a quantized
+    model given LoRA on another thread inside this window would miss its layers; tuneforge loads models one at a
+    time.)"""
     import sys
 
     import peft.tuners.lora.model as lora_model
@@ -261,8 +264,9 @@ def merge_adapters(model: nn.Module, adapters: list[str]) -> nn.Module:
     """Load each adapter in turn and merge it into the base weights."""
     from peft import PeftModel
 
-    for path in adapters:
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    with no_bitsandbytes_layers(model):
+        for path in adapters:
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return model
 
 

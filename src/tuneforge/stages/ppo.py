@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tuneforge.config.schema import PPOConfig, RunConfig
 from tuneforge.data.encode import IGNORE_INDEX
 from tuneforge.errors import ModelError
+from tuneforge.finetune.methods import no_bitsandbytes_layers
 from tuneforge.models.valuehead import ValueHead, WithValueHead, find_value_head, hidden_size, load_value_head
 from tuneforge.stages.base import (
     Batch,
@@ -206,7 +207,8 @@ def build_reward_model(cfg: RunConfig, policy: WithValueHead, device: Any) -> Re
     if rm.type == "lora":
         folder = adapter_folder(rm.path)
         head = reward_head(folder, hidden, "reward_model.path")
-        peft_model(policy).load_adapter(str(folder), adapter_name=REWARD_ADAPTER, is_trainable=False)
+        with no_bitsandbytes_layers(policy):
+            peft_model(policy).load_adapter(str(folder), adapter_name=REWARD_ADAPTER, is_trainable=False)
         return RewardModel("lora", f"adapter {folder} on the policy's base", head=head)
     model_cfg = dataclasses.replace(cfg.model, path=rm.path, adapter_path=[], quantization_bit=rm.quantization_bit)
     model = load_model(model_cfg, dtype=base_dtype(policy))

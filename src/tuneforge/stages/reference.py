@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tuneforge.config.schema import RunConfig
+from tuneforge.finetune.methods import no_bitsandbytes_layers
 from tuneforge.train.losses import TokenLogps
 
 REF_ADAPTER = "ref"
@@ -101,7 +102,8 @@ def build_reference(cfg: RunConfig, policy: nn.Module, device: Any = "cpu") -> R
     if cfg.finetune.method in ("lora", "oft"):  # peft adapters: switched off, or a frozen copy of the start
         settings = cfg.finetune.lora if cfg.finetune.method == "lora" else cfg.finetune.oft
         if adapters and not settings.create_new_adapter:
-            peft_model(policy).load_adapter(adapters[-1], adapter_name=REF_ADAPTER, is_trainable=False)
+            with no_bitsandbytes_layers(policy):
+                peft_model(policy).load_adapter(adapters[-1], adapter_name=REF_ADAPTER, is_trainable=False)
             return Reference("adapter-copy", f"frozen copy of the starting adapter {adapters[-1]}")
         merged = f" with {', '.join(adapters)} merged" if adapters else ""
         return Reference("adapter-off", f"the base model{merged} (the new adapter switched off)")
