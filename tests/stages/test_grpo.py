@@ -227,3 +227,19 @@ def test_grpo_config_keys_and_rules(grpo_cfg):
     assignments = dict(a for key, value in keys.items() for a in map_key(key, value)[0])
     assert assignments["grpo.num_generations"] == 4 and assignments["grpo.loss_type"] == "bnpo"
     assert assignments["grpo.beta"] == 0.04 and assignments["grpo.reward_funcs"] == ["r.py:f"]
+
+
+def test_nucleus_from_top_k_keeps_what_transformers_top_p_keeps():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from tuneforge.stages.grpo import NucleusFromTopK
+
+    torch.manual_seed(0)
+    # rows from peaked (nucleus inside the top 64) to flat (nucleus past them: those rows are sorted whole)
+    scores = torch.randn(12, 5000) * torch.linspace(0.5, 12, 12)[:, None]
+    for top_p in (0.5, 0.9, 0.95):
+        expected = TopPLogitsWarper(top_p)(None, scores.clone())
+        got = NucleusFromTopK(top_p, k=64)(None, scores.clone())
+        assert torch.equal(got, expected)
+        narrow = ((scores.topk(64).values - scores.logsumexp(-1, keepdim=True)).exp().sum(-1) >= top_p).sum()
+        assert 0 < narrow < 12  # both paths were taken

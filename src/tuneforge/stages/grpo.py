@@ -90,6 +90,42 @@ def rollout_mode(model: nn.Module, seed: int) -> Iterator[torch.device]:
             torch.cuda.empty_cache()
 
 
+class NucleusFromTopK:
+    """Top-p filtering (transformers' TopPLogitsWarper: drop the least likely tokens whose probabilities sum to at
+    most 1 - top_p, keep at least one) that looks at the `k` most likely tokens first.
+
+    transformers sorts the whole vocabulary at every decode step (~19 ms for 16 rows of SmolLM2's 49,152 tokens
+    on a CPU, 15% of a GRPO rollout); the nucleus of a sampled language model almost always lies within its few
+    hundred most likely tokens. Where the top k hold at least top_p of a row's probability, every token outside
+    them is dropped by transformers' rule too, and the rule is applied to the k alone; only the other rows are
+    sorted whole. Same kept set, up to float rounding at the boundary (the sums are taken in another order) and
+    the choice among exactly tied tokens there, which either order makes arbitrarily."""
+
+    def __init__(self, top_p: float, k: int = 1024):
+        self.top_p, self.k = float(top_p), k
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        k = min(self.k, scores.shape[-1])
+        logz = scores.logsumexp(dim=-1, keepdim=True)
+        top, index = scores.topk(k, dim=-1)  # descending
+        probs = (top - logz).exp()
+        # ascending cumulative probability of each kept candidate = 1 - the mass of the more likely ones before it
+        before = probs.cumsum(-1) - probs
+        remove = (1 - before) <= (1 - self.top_p)
+        remove[:, 0] = False  # keep at least one
+        out = torch.full_like(scores, -float("inf")).scatter(-1, index, top.masked_fill(remove, -float("inf")))
+        wide = (probs.sum(-1) < self.top_p).nonzero().squeeze(-1)  # rows whose nucleus reaches past the top k
+        if wide.numel():
+            out[wide] = _full_sort_top_p(scores[wide], self.top_p)
+        return out
+
+
+def _full_sort_top_p(scores: Tensor, top_p: float) -> Tensor:
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    return TopPLogitsWarper(top_p)(None, scores)
+
+
 def sample_completions(model: nn.Module, prompts: list[list[int]], pad_id: int, stop_ids: list[int], *,
                        max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                        repetition_penalty: float) -> list[list[int]]:
@@ -98,10 +134,14 @@ def sample_completions(model: nn.Module, prompts: list[list[int]], pad_id: int, 
     longest = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+    from transformers import LogitsProcessorList
+
+    nucleus = 0 < top_p < 1  # (applied after temperature and top-k, where transformers applies its own)
     out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
-                         temperature=temperature, top_p=top_p, top_k=top_k or None,
+                         temperature=temperature, top_p=1.0 if nucleus else top_p, top_k=top_k or None,
                          repetition_penalty=repetition_penalty, pad_token_id=pad_id, eos_token_id=stop_ids,
-                         use_cache=True)
+                         use_cache=True,
+                         logits_processor=LogitsProcessorList([NucleusFromTopK(top_p)] if nucleus else []))
     result = out[:, longest:].tolist()
     del out, input_ids, mask
     return result
