@@ -102,7 +102,10 @@ class NucleusFromTopK:
     the choice among exactly tied tokens there, which either order makes arbitrarily."""
 
     def __init__(self, top_p: float, k: int = 1024):
+        from transformers.generation.logits_process import TopPLogitsWarper
+
         self.top_p, self.k = float(top_p), k
+        self.full_sort = TopPLogitsWarper(top_p)  # for the rows whose nucleus reaches past the top k
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         k = min(self.k, scores.shape[-1])
@@ -116,26 +119,20 @@ class NucleusFromTopK:
         out = torch.full_like(scores, -float("inf")).scatter(-1, index, top.masked_fill(remove, -float("inf")))
         wide = (probs.sum(-1) < self.top_p).nonzero().squeeze(-1)  # rows whose nucleus reaches past the top k
         if wide.numel():
-            out[wide] = _full_sort_top_p(scores[wide], self.top_p)
+            out[wide] = self.full_sort(input_ids, scores[wide])  # (it reads only the scores)
         return out
-
-
-def _full_sort_top_p(scores: Tensor, top_p: float) -> Tensor:
-    from transformers.generation.logits_process import TopPLogitsWarper
-
-    return TopPLogitsWarper(top_p)(None, scores)
 
 
 def sample_completions(model: nn.Module, prompts: list[list[int]], pad_id: int, stop_ids: list[int], *,
                        max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                        repetition_penalty: float) -> list[list[int]]:
     """One sampled continuation per prompt (left-padded into one batch, KV cache), as raw generated ids."""
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
     longest = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
-    from transformers import LogitsProcessorList
-
     nucleus = 0 < top_p < 1  # (applied after temperature and top-k, where transformers applies its own)
     out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
                          temperature=temperature, top_p=1.0 if nucleus else top_p, top_k=top_k or None,
