@@ -1,16 +1,11 @@
-"""One projection per shared input: the q/k/v (and gate/up) LoRA layers of a block computed together, and every
-LoRA layer's frozen and adapter products computed as one matmul.
+"""One projection per shared input: the q/k/v (and gate/up) LoRA layers of a block computed together.
 
 A decoder block feeds the same tensor to its query, key and value projections, and to its MLP's gate and up
 projections. Computed one layer at a time that is, per layer, a frozen matmul, LoRA's A and B matmuls, a scaling
 and an add. Grouped, the frozen weights of the group sit side by side in one tensor (each layer's weight becomes a
-view into it: no extra memory), and the group is one matmul by the stacked A matrices and one by the frozen weights
-with the block-diagonal of the scaled B matrices beside them: [x | x A^T] @ [W | s B]^T. The B products then cost
-no separate matmul, output-sized temporary or add (a B matmul has a 16-wide inner dimension: on a CPU it ran at
-~50-100 GFLOP/s and, with the add, took two thirds of the time of the frozen matmul it rides on). Backward is one
-matmul by the same tensor for the input's gradient and the B-side product, and two small ones for A and B. The
-sum is the same; only the rounding order differs (the adapter term is no longer rounded to bf16 before the add).
-Layers outside a group (o_proj, down_proj) are groups of one.
+view into it: no extra memory), and the group is one frozen matmul, one matmul by the stacked A matrices, one by a
+block-diagonal of the scaled B matrices, and one add; each layer's output is its slice of the result. The sum is
+the same; only the rounding order of bf16 products differs.
 
 The first layer of a group called with a new input computes the whole group and keeps the other outputs for the
 calls that follow with that same tensor; a call that does not fit (another input, keyword arguments, adapters
@@ -30,40 +25,6 @@ from torch import Tensor, nn
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-class _Projection(torch.autograd.Function):
-    """[x | x A^T] @ [W | B]^T (+ bias) for a frozen W: the group's outputs, with gradients for x, A and B."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, a: Tensor, b: Tensor, group: SharedInput) -> Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            ext, k = group.extended, x.shape[-1]
-            rows = x.reshape(-1, k).to(ext.dtype)
-            a_c = a.to(ext.dtype)
-            group.place_b(b)
-            xu = torch.cat([rows, F.linear(rows, a_c)], dim=1)  # [m, in + rank]
-            out = F.linear(xu, ext, None if group.bias is None else group.bias.to(ext.dtype))
-        ctx.save_for_backward(xu, a_c, b)
-        ctx.group, ctx.x_shape, ctx.x_dtype, ctx.a_dtype = group, x.shape, x.dtype, a.dtype
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        xu, a_c, b = ctx.saved_tensors
-        group = ctx.group
-        ext = group.extended
-        k = ext.shape[1] - a_c.shape[0]
-        with torch.autocast(grad.device.type, enabled=False):
-            group.place_b(b)  # (unchanged since forward, unless the adapters were stepped in between)
-            g = grad.reshape(-1, ext.shape[0]).to(ext.dtype)
-            both = g @ ext  # [m, in + rank]: g W | g B
-            v = both[:, k:]
-            grad_x = torch.addmm(both[:, :k], v, a_c).view(ctx.x_shape).to(ctx.x_dtype) \
-                if ctx.needs_input_grad[0] else None
-            grad_a = (v.T @ xu[:, :k]).to(ctx.a_dtype) if ctx.needs_input_grad[1] else None
-            grad_b = (g.T @ xu[:, k:]).to(b.dtype) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_a, grad_b, None
-
-
 class SharedInput:
     """The LoRA layers of one group and the outputs waiting for their calls."""
 
@@ -71,20 +32,11 @@ class SharedInput:
         self.layers = layers
         bases = [layer.base_layer for layer in layers]
         self.sizes = [base.out_features for base in bases]
-        # [sum of outputs, in + sum of ranks]: the frozen weights, then room for the scaled B matrices of the
-        # adapter active now (another adapter, or other ranks, take the separate B matmul)
-        self.adapter = next(iter(layers[0].active_adapters), None)
-        ranks = [layer.lora_A[self.adapter].weight.shape[0] if self.adapter in layer.lora_A else 0
-                 for layer in layers]
-        self.rank = sum(ranks) if all(ranks) else 0
-        inputs = bases[0].in_features
-        extended = bases[0].weight.new_zeros((sum(self.sizes), inputs + self.rank))
-        weight = extended[:, :inputs]
-        weight.copy_(torch.cat([base.weight.detach() for base in bases]))
+        weight = torch.cat([base.weight.detach() for base in bases])  # [sum of outputs, in]
         offsets = [0, *torch.tensor(self.sizes).cumsum(0).tolist()]
         for base, start, end in zip(bases, offsets, offsets[1:]):  # each layer's weight: a view into the group's
             base.weight = nn.Parameter(weight[start:end], requires_grad=False)
-        self.weight, self.extended = weight, extended
+        self.weight = weight
         self.bias = None
         if bases[0].bias is not None:  # (grouped only when every layer has a bias or none has)
             self.bias = torch.cat([base.bias.detach() for base in bases])
@@ -122,30 +74,15 @@ class SharedInput:
                 return None
         return names[0] if names else None
 
-    def place_b(self, b: Tensor) -> None:
-        """The scaled B matrices into the extended weight's last columns, when they differ from what is there (after
-        an optimizer step); an unchanged tensor is not written, so weights saved for a backward see no change."""
-        columns = self.extended[:, self.extended.shape[1] - self.rank:]
-        b = b.detach().to(columns.dtype)
-        if not torch.equal(columns, b):
-            with torch.no_grad():
-                columns.copy_(b)
-
     def compute(self, x: Tensor, name: str) -> list[Tensor]:
         """Every layer's output for input x."""
-        if self.layers[0].disable_adapters:  # (fits: disabled for all layers or for none)
-            return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
-        a = torch.cat([layer.lora_A[name].weight for layer in self.layers])  # [sum of ranks, in]
-        b = torch.block_diag(*(layer.lora_B[name].weight * layer.scaling[name] for layer in self.layers))
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        if name == self.adapter and a.shape[0] == self.rank > 0 and self.extended.dtype == dtype \
-                and (autocast or a.dtype == dtype):
-            return list(_Projection.apply(x, a, b, self).split(self.sizes, dim=-1))
         out = F.linear(x, self.weight, self.bias)
-        # without autocast a bf16 input meets fp32 adapters: cast as peft does, the sum in the output's dtype
-        inputs = x if x.dtype == a.dtype or autocast else x.to(a.dtype)
-        out = out + F.linear(F.linear(inputs, a), b).to(out.dtype)
+        if not self.layers[0].disable_adapters:  # (fits: disabled for all layers or for none)
+            a = torch.cat([layer.lora_A[name].weight for layer in self.layers])  # [sum of ranks, in]
+            b = torch.block_diag(*(layer.lora_B[name].weight * layer.scaling[name] for layer in self.layers))
+            # without autocast a bf16 input meets fp32 adapters: cast as peft does, the sum in the output's dtype
+            inputs = x if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+            out = out + F.linear(F.linear(inputs, a), b).to(out.dtype)
         return list(out.split(self.sizes, dim=-1))
 
     def forward(self, index: int, original: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -166,7 +103,7 @@ class SharedInput:
 
 def fuse_shared_inputs(model: nn.Module) -> int:
     """Group the LoRA layers of each block that share an input (GROUPS: those of them that are adapted, at least
-    two), every other LoRA layer a group of its own; how many groups were made (singles included).
+    two); how many groups were made.
 
     Only plain LoRA layers (peft's lora.Linear, not quantized) over frozen, unsharded weights are grouped."""
     from peft.tuners.lora import Linear as LoraLinear
@@ -178,11 +115,16 @@ def fuse_shared_inputs(model: nn.Module) -> int:
             parents.setdefault(parent, {})[leaf] = module
     made = 0
     for children in parents.values():
-        # the members that carry adapters (q_proj and v_proj only, say), if at least two; then each layer left
-        candidates = [[children[n] for n in names if n in children] for names in GROUPS]
-        candidates = [layers for layers in candidates if len(layers) >= 2] + [[layer] for layer in children.values()]
-        for layers in candidates:
-            if any(getattr(layer, "_shared_input", None) for layer in layers) or not _groupable(layers):
+        for names in GROUPS:  # the members that carry adapters (q_proj and v_proj only, say), if at least two
+            layers = [children[n] for n in names if n in children]
+            if len(layers) < 2 or any(getattr(layer, "_shared_input", None) for layer in layers):
+                continue
+            bases = [layer.base_layer for layer in layers]
+            weights = [base.weight for base in bases]
+            if any(w.requires_grad or w.dtype != weights[0].dtype or w.device != weights[0].device
+                   or w.shape[1] != weights[0].shape[1] or hasattr(w, "ds_id") for w in weights) \
+                    or len({base.bias is None for base in bases}) != 1 \
+                    or any(base.bias is not None and base.bias.requires_grad for base in bases):
                 continue
             group = SharedInput(layers)
             for index, layer in enumerate(layers):
@@ -190,16 +132,6 @@ def fuse_shared_inputs(model: nn.Module) -> int:
                 layer._shared_input = group
             made += 1
     return made
-
-
-def _groupable(layers: list[nn.Module]) -> bool:
-    """Frozen weights of one dtype, device and input size (not DeepSpeed-partitioned); biases on all or none, frozen."""
-    bases = [layer.base_layer for layer in layers]
-    weights = [base.weight for base in bases]
-    return not (any(w.requires_grad or w.dtype != weights[0].dtype or w.device != weights[0].device
-                    or w.shape[1] != weights[0].shape[1] or hasattr(w, "ds_id") for w in weights)
-                or len({base.bias is None for base in bases}) != 1
-                or any(base.bias is not None and base.bias.requires_grad for base in bases))
 
 
 def unfuse(model: nn.Module) -> None:
@@ -211,8 +143,7 @@ def unfuse(model: nn.Module) -> None:
             continue
         module.__dict__.pop("forward", None)
         base = module.base_layer
-        base.weight = nn.Parameter(base.weight.detach().clone(memory_format=torch.contiguous_format),
-                                   requires_grad=False)
+        base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
         if base.bias is not None:
             base.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
         group.pending.clear()
