@@ -25,7 +25,7 @@ from tuneforge.config.schema import GenerationConfig, ModelConfig
 from tuneforge.data.encode import EncodeOptions, encode_pairwise
 from tuneforge.data.types import Message
 from tuneforge.errors import ModelError
-from tuneforge.finetune.methods import no_bitsandbytes_layers
+from tuneforge.finetune.methods import merge_adapters, no_bitsandbytes_layers
 from tuneforge.models.hub import resolve_model_dir
 from tuneforge.models.load import adopt_saved_vocab, load_model, load_tokenizer
 from tuneforge.models.valuehead import ValueHead, WithValueHead, find_value_head, hidden_size, load_value_head
@@ -449,9 +449,8 @@ def load_engine(model_cfg: ModelConfig, template: str = "auto", default_system: 
     names: list[str] = []
     loaded = ([(stacked[-1].parent.name if stacked[-1].name == "adapter" else stacked[-1].name, stacked[-1])]
               if stacked else []) + list(separate.items())
+    model = merge_adapters(model, [str(folder) for folder in stacked[:-1]])
     with no_bitsandbytes_layers(model):
-        for folder in stacked[:-1]:
-            model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
         for name, folder in loaded:
             if not names:
                 model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
