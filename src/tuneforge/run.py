@@ -349,7 +349,7 @@ def load_for_training(cfg: RunConfig, precision: str, tokenizer: Any = None) -> 
 
 def cpu_attention(cfg: RunConfig) -> bool:
     """Whether training uses models/attention.py's CPU attention (which keeps probabilities for backward)."""
-    return cfg.model.attn_implementation == "auto" and not uses_cuda(cfg.train) and not cfg.train.compile
+    return cfg.model.attn_implementation == "auto" and not uses_cuda(cfg.train)
 
 
 WARM_HEAP_MAX = 3 << 29  # 1.5 GiB: glibc hands a free heap top above M_TRIM_THRESHOLD (2 GiB - 1) back

@@ -102,7 +102,7 @@ def test_only_plain_causal_layers_take_it():
 def test_a_cpu_run_uses_it_and_the_step_matches_sdpa(make_cfg):
     """The loop's loss module on the tiny model (4 heads over 2 KV heads): the same loss and LoRA gradients as
     transformers' SDPA path, for a padded batch of different lengths; a neat-packed run keeps per-segment
-    attention, a compiled one SDPA."""
+    attention (a compiled run keeps this one: test_fast_paths.test_compiled_layers_...)."""
     from tuneforge.run import prepare
     from tuneforge.stages.base import unwrap_causal_lm
     from tuneforge.train import loop

@@ -115,7 +115,10 @@ def test_adapter_casting_is_off_inside_an_autocast_pass_and_restored_after(lora_
 
 def test_compiled_layers_give_the_plain_loss_and_gradients(make_cfg):
     """train.compile compiles every decoder layer in place (dynamo's aot_eager backend here: the same graph
-    capture and autograd as inductor without its C++ build); loss and gradients are the uncompiled step's."""
+    capture and autograd as inductor without its C++ build) with the CPU attention that keeps probabilities traced
+    into the graph; loss and gradients are the uncompiled step's, for two padded batches of different lengths
+    (a second shape: the layers are compiled again, with symbolic lengths)."""
+    from tuneforge.models import attention
     from tuneforge.run import prepare
     from tuneforge.stages.base import unwrap_causal_lm
 
@@ -127,14 +130,25 @@ def test_compiled_layers_give_the_plain_loss_and_gradients(make_cfg):
             for name, param in job.model.named_parameters():
                 if "lora_B" in name:
                     param.normal_(0, 0.05)
-        layers = unwrap_causal_lm(job.model).get_decoder().layers
-        assert all((layer._compiled_call_impl is not None) == bool(extra) for layer in layers)
-        results.append(step(job, job.stage.collate(job.train_rows[:3]), "fp32"))
-    (plain_loss, plain_grads), (loss, grads) = results
-    assert loss == pytest.approx(plain_loss, abs=1e-6)
-    assert grads.keys() == plain_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-6, rtol=1e-5)
+        lm = unwrap_causal_lm(job.model)
+        assert lm.config._attn_implementation == attention.NAME
+        assert all((layer._compiled_call_impl is not None) == bool(extra) for layer in lm.get_decoder().layers)
+        rows = sorted(job.train_rows, key=lambda r: len(r["input_ids"]))
+        batches = [job.stage.collate(rows[:3]), job.stage.collate(rows[-3:])]
+        assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]
+        calls = []
+        real = attention._CausalAttention.forward
+        attention._CausalAttention.forward = staticmethod(lambda ctx, *a: calls.append(1) or real(ctx, *a))
+        try:
+            results.append([step(job, batch, "fp32") for batch in batches])
+        finally:
+            attention._CausalAttention.forward = staticmethod(real)
+        assert calls  # the probabilities path ran (traced once per graph when compiled, every layer when not)
+    for (plain_loss, plain_grads), (loss, grads) in zip(*results):
+        assert loss == pytest.approx(plain_loss, abs=1e-6)
+        assert grads.keys() == plain_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-6, rtol=1e-5)
 
 
 def test_neat_packed_rows_attend_segment_by_segment_with_the_block_masks_result(make_cfg):

@@ -13,7 +13,8 @@ The cost is memory: probabilities [b, heads, t, t] in the compute dtype per laye
 dropout, other devices, masks, longer passes) goes to `F.scaled_dot_product_attention`.
 
 Registered in transformers' AttentionInterface as `tuneforge_causal`, with SDPA's mask function: a call that
-comes with a mask (padding, a KV cache) goes to transformers' own SDPA path with it.
+comes with a mask (padding, a KV cache) goes to transformers' own SDPA path with it. Compiled decoder layers
+(`train.compile`) trace it into their graphs, forward and backward.
 """
 
 from __future__ import annotations
@@ -49,14 +50,19 @@ class _CausalAttention(torch.autograd.Function):
             outs.append(torch.matmul(p, value[:, :, :end]).view(b, kv, groups, rows, d))
             probs.append(p)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)
-        ctx.save_for_backward(q, key, value, *probs)
+        # the inputs are saved, not the scaled view q: torch.compile (train.compile) traces this function into a
+        # layer's graph only when nothing saved aliases an intermediate; backward rescales (one small multiply)
+        ctx.save_for_backward(query, key, value, *probs)
         ctx.scale, ctx.halves = scale, halves
         return out.view(b, h, t, d)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, key, value, *probs = ctx.saved_tensors
-        b, kv, groups, t, d = q.shape
+        query, key, value, *probs = ctx.saved_tensors
+        b, h, t, d = query.shape
+        kv = key.shape[1]
+        groups = h // kv
+        q = (query * ctx.scale).view(b, kv, groups, t, d)
         grad5 = grad_out.reshape(b, kv, groups, t, d)
         grad_q = torch.empty_like(q)
         grad_k = grad_v = None
@@ -85,12 +91,18 @@ _BIASES: dict[tuple, Tensor] = {}
 def _causal_bias(start: int, end: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """[end - start, end] additive mask of queries start..end-1 over keys 0..end-1: 0 where a key is visible."""
     key = (start, end, dtype, str(device))
+    if torch.compiler.is_compiling():  # traced into the graph, where it is a constant: no cache to keep
+        return _visible_bias(start, end, dtype, device)
     if key not in _BIASES:
         if len(_BIASES) > 64:
             _BIASES.clear()
-        visible = torch.arange(end, device=device)[None, :] <= torch.arange(start, end, device=device)[:, None]
-        _BIASES[key] = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+        _BIASES[key] = _visible_bias(start, end, dtype, device)
     return _BIASES[key]
+
+
+def _visible_bias(start: int, end: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    visible = torch.arange(end, device=device)[None, :] <= torch.arange(start, end, device=device)[:, None]
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
 
 
 def keeps_probabilities(query: Tensor, key: Tensor, dropout: float) -> bool:
