@@ -9,6 +9,9 @@ of ~512 tokens. Printed:
 - one step (forward and backward of all four rows, gradients dropped, no optimizer) cut into forward passes of
   2,048, 1,024 and 512 tokens, the three alternating in one process (`--repeats` each, medians): the cost of a
   pass beyond its tokens. The loop cuts micro-batches to `train.forward_tokens` (1,024 on a CPU by default);
+- the decoder's frozen products alone (each frozen weight's forward and input-gradient matmul, through the whole
+  model at 1,024 and 2,048 rows, nothing between them): their GFLOP/s as a share of the peak, the MFU a step made
+  of nothing but these products would reach;
 - the step's MFU: model FLOPs (6 x trained + 4 x frozen weights per token, as `train_throughput.py` counts them)
   over the step's time and the matmul peak measured here, on the same threads;
 - a torch.profiler view of one 2,048-token step by kind of operator: matmuls (mm, addmm, bmm, linear), softmax
@@ -50,6 +53,36 @@ def kind(name: str) -> str:
     if name in ELEMENTWISE:
         return "element-wise and copies"
     return "the rest (allocation, views, autograd, Python)"
+
+
+def matmul_ceiling(model: torch.nn.Module, peak: float, repeats: int = 5) -> None:
+    """The decoder's frozen products alone, at the pass sizes: each frozen weight's forward (x W^T) and input-
+    gradient (g W) product, layer after layer through the whole model as a pass meets them, timed without anything
+    between them. Their GFLOP/s bound the MFU any step built on these products can reach."""
+    import torch.nn.functional as F
+
+    weights, seen = [], set()
+    for module in model.modules():
+        group = getattr(module, "_shared_input", None)
+        weight = group.weight if group is not None else getattr(getattr(module, "base_layer", None), "weight", None)
+        if isinstance(weight, torch.Tensor) and not weight.requires_grad and weight.data_ptr() not in seen:
+            seen.add(weight.data_ptr())
+            weights.append(weight)
+    print(f"\nthe decoder's {len(weights)} frozen weights' products alone (forward x W^T and input gradient g W, "
+          f"one after another through the model), best of {repeats}:")
+    for rows in (1024, 2048):
+        xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+        gs = {w.shape[0]: torch.randn(rows, w.shape[0], dtype=w.dtype) for w in weights}
+        flops = sum(4 * rows * w.shape[0] * w.shape[1] for w in weights)
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first builds the kernels
+            start = time.perf_counter()
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+                torch.mm(gs[w.shape[0]], w)
+            best = min(best, time.perf_counter() - start)
+        print(f"  passes of {rows:5}: {best * 1e3:6.0f} ms a pass, {flops / best / 1e9:5.0f} GFLOP/s = "
+              f"{flops / best / 1e9 / peak:.0%} of the peak")
 
 
 def main() -> None:
@@ -119,6 +152,11 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, parts in splits.items():
                 times[name].append(run_step(parts))
+        again = matmul_peak(dtype)
+        print(f"\nthe {precision} matmul peak measured again after the steps: {again:.0f} GFLOP/s; the higher of the "
+              f"two ({max(peak, again):.0f}) is used below")
+        peak = max(peak, again)
+        matmul_ceiling(model, peak)
         print(f"\none step, forward and backward, alternating, medians of {args.repeats}:")
         first = statistics.median(times["1 pass of 2,048"])
         for name, values in times.items():

@@ -1,6 +1,7 @@
 """Training throughput of `tuneforge train` on the embedded SmolLM2-135M-Instruct (LoRA r8, all linear layers).
 
 Usage: python benchmarks/train_throughput.py [--steps 20] [--rows 200] [--precision auto|bf16|fp32]
+       python benchmarks/train_throughput.py --compile [--steps 60] [--repeats 2] [--precision auto|bf16|fp32]
        python benchmarks/train_throughput.py --against-llamafactory [--rows 48] [--repeats 2] [--lf-venv PATH]
                                              [--precision auto|bf16|fp32]
 
@@ -38,6 +39,13 @@ its metrics.jsonl and its resource usage:
   FLOPs per token = 6 x trained weights + 4 x frozen weights (forward 2N; backward 2N for activation gradients,
   plus 2N for weight gradients only where weights train); weights are the decoder's linear layers plus the
   output head; attention-score FLOPs are left out.
+
+--compile: tuneforge with and without `train.compile`
+------------------------------------------------------
+The same 200 rows, `--steps` steps (60 is a fair length: compiling pays off over a run, not a step), the plain
+and the compiled run alternating `--repeats` times: whole-command time, first step, tokens/s over all steps and
+over the last three quarters (steady state), peak RSS, each run's and the medians. The compiled runs share a
+torch.compile cache of their own: the first compiles from nothing, the later ones reuse its code.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,17 +99,20 @@ def make_dataset(folder: Path, rows: int, tokenizer, seed: int = 0) -> None:
 
 
 def matmul_peak(dtype: torch.dtype, m: int = 2048, k: int = 576, n: int = 1536, repeats: int = 10,
-                trials: int = 5) -> float:
-    """GFLOP/s of a decoder-sized matmul on this process's threads (best of `trials`)."""
+                trials: int = 5, min_seconds: float = 2.0) -> float:
+    """GFLOP/s of a decoder-sized matmul on this process's threads: the best of `trials` timings of `repeats`
+    products, and of more while less than `min_seconds` have passed (a VM's transient slowdowns of a fraction of a
+    second once made a peak here 2.7x too low, and every MFU beside it 2.7x too high)."""
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     for _ in range(3 if trials > 1 else 0):
         a @ b
-    best = 0.0
-    for _ in range(trials):
+    best, began, done = 0.0, time.perf_counter(), 0
+    while done < trials or (time.perf_counter() - began < min_seconds and done < 1000):
         start = time.perf_counter()
         for _ in range(repeats):
             a @ b
         best = max(best, 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9)
+        done += 1
     return best
 
 
@@ -132,12 +144,16 @@ def run_one(name: str, data_dir: Path, work: Path, steps: int, extra: list[str])
     proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(path), *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - launch
     if status != 0:
         raise SystemExit(f"{name} failed: {proc.stderr.read().decode()[-2000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = records[0], records[-1]
     seconds = last["time"] - first["time"]
+    later = records[len(records) // 4]  # steady state: the last three quarters of the steps
     return {
+        "steady_tokens_per_s": (last["input_tokens"] - later["input_tokens"]) / (last["time"] - later["time"]),
+        "wall_s": wall,
         "name": name,
         "rows_per_s": 4 * (last["step"] - first["step"]) / seconds,
         "tokens_per_s": (last["input_tokens"] - first["input_tokens"]) / seconds,
@@ -208,11 +224,61 @@ def against_llamafactory(args: argparse.Namespace, tokenizer, model_dir: Path, f
         for _ in range(args.repeats):
             for run in runs:
                 measure(run, tokens)
+    peak = peak_again(precision, peak)
     print(f"\nmachine: {machine()}; matmul peak measured here: {precision} {peak:.0f} GFLOP/s; "
           f"model FLOPs per token {fpt / 1e6:.0f} M")
     print_table(runs, False, mfu=lambda run, tok_s: fpt * tok_s / (peak * 1e9))
     print(f"tok/s = the rows' non-padding tokens / loop seconds; MFU = FLOPs per token x tok/s / the {precision} "
           "matmul peak. Valid only side by side, in one run, on one machine.")
+
+
+def cpu_bf16() -> bool:
+    from tuneforge.devices import cpu_bf16_supported
+
+    return cpu_bf16_supported()
+
+
+def peak_again(precision: str, before: float) -> float:
+    """The matmul peak measured again after the runs; the higher of the two (printed)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if precision == "bf16" and not cpu_bf16():
+        return before  # emulated: measured once
+    again = matmul_peak(dtype)
+    print(f"{precision} matmul peak: {before:.0f} GFLOP/s before the runs, {again:.0f} after; MFU uses "
+          f"{max(before, again):.0f}")
+    return max(before, again)
+
+
+def compiled_or_not(args: argparse.Namespace, tokenizer, fpt: float, precision: str, peak: float) -> None:
+    """`tuneforge train` with and without train.compile on the same data, alternating; medians."""
+    configs = [(precision, [f"train.precision={precision}"]),
+               (f"{precision}+compile", [f"train.precision={precision}", "train.compile=true"])]
+    results: dict[str, list[dict]] = {name: [] for name, _ in configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        # a cache of compiled code of this run's own: the first compiled run compiles from nothing, later ones find
+        # what it wrote (as a user's second run would)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")
+        make_dataset(work / "data", args.rows, tokenizer)
+        for repeat in range(args.repeats):
+            for name, extra in configs:
+                result = run_one(f"{name}-{repeat}", work / "data", work, args.steps, extra)
+                results[name].append(result)
+                print(f"  run {repeat + 1} {name}: whole command {result['wall_s']:.1f} s, steady "
+                      f"{result['steady_tokens_per_s']:.0f} tok/s", flush=True)
+    peak = peak_again(precision, peak)
+    print(f"\n{args.steps} steps, {args.rows} rows, medians of {args.repeats} alternating runs "
+          "(the first compiled run starts from an empty torch.compile cache, later ones reuse it):")
+    print(f"{'config':14} {'whole run':>10} {'1st step':>9} {'tok/s':>7} {'steady tok/s':>13} {'peak RSS':>9} "
+          f"{'steady MFU':>11}")
+    for name, runs in results.items():
+        med = {key: statistics.median(r[key] for r in runs)
+               for key in ("wall_s", "first_step_s", "tokens_per_s", "steady_tokens_per_s", "peak_rss_gb")}
+        print(f"{name:14} {med['wall_s']:9.1f}s {med['first_step_s']:8.1f}s {med['tokens_per_s']:7.0f} "
+              f"{med['steady_tokens_per_s']:13.0f} {med['peak_rss_gb']:8.2f}G "
+              f"{100 * fpt * med['steady_tokens_per_s'] / (peak * 1e9):10.1f}%")
+    print("tok/s: non-padding tokens over steps 2..N; steady: over the last three quarters of the steps (after "
+          "the compiles of the first batch shapes).")
 
 
 def main() -> None:
@@ -225,6 +291,8 @@ def main() -> None:
     parser.add_argument("--lf-venv", type=Path, default=DEFAULT_LF_VENV)
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 where the CPU has native bf16 (AVX512-BF16 / AMX), else fp32")
+    parser.add_argument("--compile", action="store_true",
+                        help="tuneforge with and without train.compile, alternating --repeats times")
     args = parser.parse_args()
     from tuneforge.config.schema import ModelConfig
     from tuneforge.devices import cpu_bf16_supported
@@ -245,7 +313,7 @@ def main() -> None:
         print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s "
               f"(vocabulary projection bf16 {head_peak:.0f})")
     else:  # emulated bf16 runs at a few GFLOP/s: measuring its peak would take many minutes
-        peaks["bf16"] = matmul_peak(torch.bfloat16, repeats=1, trials=1)
+        peaks["bf16"] = matmul_peak(torch.bfloat16, repeats=1, trials=1, min_seconds=0)
         print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s; this CPU has no native bf16 (AVX512-BF16 / AMX): "
               f"bf16 matmuls are emulated, {peaks['bf16']:.1f} GFLOP/s"
               + (", so training is measured in fp32 (--precision bf16 forces bf16)" if precision == "fp32" else ""))
@@ -254,6 +322,8 @@ def main() -> None:
         args.rows = args.rows or 48
         return against_llamafactory(args, tokenizer, embedded_model_dir(), fpt, precision, peaks[precision])
     args.rows = args.rows or 200
+    if args.compile:
+        return compiled_or_not(args, tokenizer, fpt, precision, peaks[precision])
     configs = [("fp32", ["train.precision=fp32"])]
     if precision == "bf16":
         configs += [("bf16", ["train.precision=bf16"]),
@@ -264,6 +334,9 @@ def main() -> None:
         work = Path(tmp)
         make_dataset(work / "data", args.rows, tokenizer)
         results = [run_one(name, work / "data", work, args.steps, extra) for name, extra in configs]
+    for name in list(peaks):
+        if any(r["name"].split("+")[0] == name for r in results):
+            peaks[name] = peak_again(name, peaks[name])
     print(f"{'config':14} {'rows/s':>7} {'tok/s':>7} {'tok/s+pad':>10} {'1st step':>9} {'peak RSS':>9} {'MFU':>6}")
     for r in results:
         peak = peaks[r["name"].split("+")[0]]
