@@ -232,16 +232,12 @@ def against_llamafactory(args: argparse.Namespace, tokenizer, model_dir: Path, f
           "matmul peak. Valid only side by side, in one run, on one machine.")
 
 
-def cpu_bf16() -> bool:
-    from tuneforge.devices import cpu_bf16_supported
-
-    return cpu_bf16_supported()
-
-
 def peak_again(precision: str, before: float) -> float:
     """The matmul peak measured again after the runs; the higher of the two (printed)."""
+    from tuneforge.devices import cpu_bf16_supported
+
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    if precision == "bf16" and not cpu_bf16():
+    if precision == "bf16" and not cpu_bf16_supported():
         return before  # emulated: measured once
     again = matmul_peak(dtype)
     print(f"{precision} matmul peak: {before:.0f} GFLOP/s before the runs, {again:.0f} after; MFU uses "
@@ -283,7 +279,7 @@ def compiled_or_not(args: argparse.Namespace, tokenizer, fpt: float, precision: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps a run (20; 60 with --compile)")
     parser.add_argument("--rows", type=int, default=None, help="rows in the synthetic set (200; 48 against LF)")
     parser.add_argument("--against-llamafactory", action="store_true",
                         help="run LLaMA-Factory 0.9.5 and tuneforge side by side on the same data and YAML")
@@ -294,6 +290,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="tuneforge with and without train.compile, alternating --repeats times")
     args = parser.parse_args()
+    args.steps = args.steps or (60 if args.compile else 20)
     from tuneforge.config.schema import ModelConfig
     from tuneforge.devices import cpu_bf16_supported
     from tuneforge.models.embedded import embedded_model_dir
