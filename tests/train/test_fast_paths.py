@@ -113,6 +113,11 @@ def test_adapter_casting_is_off_inside_an_autocast_pass_and_restored_after(lora_
         assert all(layer.cast_input_dtype_enabled for layer in layers)
 
 
+def counting(forward, calls: list[int]):
+    """`forward`, appending to `calls` at each call."""
+    return lambda ctx, *args: calls.append(1) or forward(ctx, *args)
+
+
 def test_compiled_layers_give_the_plain_loss_and_gradients(make_cfg):
     """train.compile compiles every decoder layer in place (dynamo's aot_eager backend here: the same graph
     capture and autograd as inductor without its C++ build) with the CPU attention that keeps probabilities traced
@@ -136,9 +141,9 @@ def test_compiled_layers_give_the_plain_loss_and_gradients(make_cfg):
         rows = sorted(job.train_rows, key=lambda r: len(r["input_ids"]))
         batches = [job.stage.collate(rows[:3]), job.stage.collate(rows[-3:])]
         assert batches[0]["input_ids"].shape[1] != batches[1]["input_ids"].shape[1]
-        calls = []
+        calls: list[int] = []
         real = attention._CausalAttention.forward
-        attention._CausalAttention.forward = staticmethod(lambda ctx, *a: calls.append(1) or real(ctx, *a))
+        attention._CausalAttention.forward = staticmethod(counting(real, calls))
         try:
             results.append([step(job, batch, "fp32") for batch in batches])
         finally:
