@@ -13,7 +13,8 @@ of ~512 tokens. Printed:
   model at 1,024 and 2,048 rows, nothing between them): their GFLOP/s as a share of the peak, the MFU a step made
   of nothing but these products would reach;
 - the step's MFU: model FLOPs (6 x trained + 4 x frozen weights per token, as `train_throughput.py` counts them)
-  over the step's time and the matmul peak measured here, on the same threads;
+  over the step's time and the matmul peak measured here, on the same threads (before and after the steps; the
+  higher of the two);
 - a torch.profiler view of one 2,048-token step by kind of operator: matmuls (mm, addmm, bmm, linear), softmax
   and log-softmax, element-wise and copies, the rest; and the model's matmul FLOPs at the measured peak as a share
   of the step (the part of the step its model FLOPs would need if every matmul ran at the peak).

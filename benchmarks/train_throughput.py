@@ -254,14 +254,21 @@ def compiled_or_not(args: argparse.Namespace, tokenizer, fpt: float, precision: 
         work = Path(tmp)
         # a cache of compiled code of this run's own: the first compiled run compiles from nothing, later ones find
         # what it wrote (as a user's second run would)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")
-        make_dataset(work / "data", args.rows, tokenizer)
-        for repeat in range(args.repeats):
-            for name, extra in configs:
-                result = run_one(f"{name}-{repeat}", work / "data", work, args.steps, extra)
-                results[name].append(result)
-                print(f"  run {repeat + 1} {name}: whole command {result['wall_s']:.1f} s, steady "
-                      f"{result['steady_tokens_per_s']:.0f} tok/s", flush=True)
+        saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")  # inherited by the runs
+        try:
+            make_dataset(work / "data", args.rows, tokenizer)
+            for repeat in range(args.repeats):
+                for name, extra in configs:
+                    result = run_one(f"{name}-{repeat}", work / "data", work, args.steps, extra)
+                    results[name].append(result)
+                    print(f"  run {repeat + 1} {name}: whole command {result['wall_s']:.1f} s, steady "
+                          f"{result['steady_tokens_per_s']:.0f} tok/s", flush=True)
+        finally:
+            if saved is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
     peak = peak_again(precision, peak)
     print(f"\n{args.steps} steps, {args.rows} rows, medians of {args.repeats} alternating runs "
           "(the first compiled run starts from an empty torch.compile cache, later ones reuse it):")
